@@ -1,0 +1,183 @@
+"""Typed, validated configs for every stage, composed from small shared pieces.
+
+A stage's config is one frozen dataclass; every field is documented in its metadata, which is also the
+``--help`` text of the matching CLI flag (``lora_rank`` <-> ``--lora-rank``). Values from YAML, flags or
+``--set key=value`` all pass through :func:`build_config`, so an unknown key or a bad value fails at load time
+with the key's path, the nearest valid key and the expected type.
+
+    >>> cfg = build_config(SFTConfig, {"lr": 1e-3, "max_steps": 10}, path="sft")
+    >>> cfg.lr, cfg.max_steps
+    (0.001, 10)
+    >>> build_config(SFTConfig, {"max_step": 10}, path="sft")
+    Traceback (most recent call last):
+    ...
+    posttrain.errors.ConfigError: sft.max_step: unknown key (did you mean 'max_steps'?)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from posttrain.errors import ConfigError
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A config field with its documentation (shown by ``--help``)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    model: str = opt("builtin:tiny-base", "local HF model dir, PEFT adapter dir, hub id, or builtin:tiny-base")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "weights dtype")
+    trust_remote_code: bool = opt(False, "allow custom model code from the model dir (off by default)")
+    lora_rank: int = opt(0, "LoRA rank; 0 = full fine-tune")
+    lora_alpha: float = opt(16.0, "LoRA scaling alpha")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA input")
+    lora_targets: list[str] = opt([], "module names to adapt; empty = every linear layer but the output head")
+
+
+@dataclass(frozen=True)
+class DataArgs:
+    data: str = opt("task:arithmetic", "training rows: a .jsonl/.parquet/.csv file, task:NAME[:SPLIT] or corpus")
+    eval_data: str = opt("", "held-out rows for periodic eval loss (default: the task's val split, if any)")
+    max_length: int = opt(512, "maximum tokens per sequence")
+    length_policy: Literal["truncate", "drop"] = opt("truncate", "what to do with rows over max_length")
+    completion_only_loss: bool = opt(True, "train on completion/assistant tokens only (False: all tokens)")
+    skip_bad_rows: bool = opt(False, "skip malformed rows (count and reasons go to bad_rows.json) instead of stopping")
+
+
+@dataclass(frozen=True)
+class OptimArgs:
+    lr: float = opt(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    warmup_steps: int = opt(0, "linear warm-up steps")
+    schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "learning-rate decay after warm-up")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm; 0 = off")
+    grad_accum: int = opt(1, "micro-batches per optimiser step (batch_size must divide evenly)")
+
+
+@dataclass(frozen=True)
+class LoopArgs:
+    out: str = opt("", "run directory (required)")
+    max_steps: int = opt(100, "optimiser steps")
+    batch_size: int = opt(8, "sequences per optimiser step (over all micro-batches)")
+    seed: int = opt(0, "seed for init, data order and sampling")
+    save_every: int = opt(0, "checkpoint every N steps; 0 = only at the end")
+    keep_checkpoints: int = opt(2, "newest complete checkpoints to keep")
+    eval_every: int = opt(0, "held-out eval loss every N steps; 0 = only at the end")
+    log_every: int = opt(10, "write metrics every N steps")
+    resume: bool = opt(False, "continue from the newest complete checkpoint in out (fresh start if none)")
+    max_bad_steps: int = opt(5, "stop after this many non-finite steps in a row")
+    threads: int = opt(0, "torch CPU threads; 0 = torch's default")
+    progress: bool = opt(True, "show progress bars")
+
+
+@dataclass(frozen=True)
+class SFTConfig(LoopArgs, OptimArgs, DataArgs, ModelArgs):
+    """Supervised fine-tuning (full or LoRA) on prompt/completion, messages or text rows."""
+
+
+@dataclass(frozen=True)
+class PretrainConfig(LoopArgs, OptimArgs, DataArgs, ModelArgs):
+    """Causal-LM training from scratch (``model: builtin:tiny`` / ``builtin:small``) or continued pretraining."""
+
+    completion_only_loss: bool = opt(False, "train on all tokens (pretraining default)")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation: accuracy (strict/lenient), pass@k, perplexity."""
+
+    model: str = opt("builtin:tiny-base", "model dir, adapter dir or hub id")
+    task: str = opt("", "built-in task name (its test split); or give data")
+    data: str = opt("", "rows with prompt and answer (.jsonl/.parquet/.csv)")
+    out: str = opt("", "write results JSON here")
+    strategy: Literal["greedy", "sample"] = opt("greedy", "decoding strategy")
+    n: int = opt(1, "samples per prompt (pass@k is reported for k = 1, 2, 4 ... n)")
+    temperature: float = opt(1.0, "sampling temperature (strategy sample)")
+    top_p: float = opt(1.0, "nucleus sampling mass (strategy sample)")
+    max_new_tokens: int = opt(96, "generation limit")
+    limit: int = opt(0, "evaluate only the first N rows; 0 = all")
+    batch_size: int = opt(256, "prompts per generation batch")
+    perplexity_data: str = opt("", "text rows to measure perplexity on (e.g. corpus:val)")
+    seed: int = opt(0, "sampling seed")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "weights dtype")
+    trust_remote_code: bool = opt(False, "allow custom model code from the model dir")
+    threads: int = opt(0, "torch CPU threads; 0 = torch's default")
+
+
+STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "eval": EvalConfig}
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Field name -> documentation, in declaration order (most specific class first)."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints widen to floats, nothing else is converted."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else coerce(value, args[0], path)
+    ok = True
+    if origin is Literal:
+        ok = value in typing.get_args(tp)
+    elif origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        ok = isinstance(value, list)
+        if ok:
+            value = [coerce(v, typing.get_args(tp)[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    elif tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+        value = str(value) if ok else value
+    if not ok:
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def build_config(cls: type, values: dict[str, Any], *, path: str) -> Any:
+    """Validate ``values`` against the dataclass ``cls`` and build the frozen config."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        key_path = f"{path}.{key}" if path else key
+        if key not in hints or key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f" (did you mean {near[0]!r}?)" if near else f" (valid keys: {', '.join(names)})"
+            raise ConfigError(f"{key_path}: unknown key{hint}")
+        kwargs[key] = coerce(value, hints[key], key_path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config as a plain dict (for config.yaml in the run directory)."""
+    return dataclasses.asdict(cfg)

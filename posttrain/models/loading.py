@@ -1,0 +1,117 @@
+"""Loading and saving Hugging Face causal LMs, tokenizers and PEFT adapters.
+
+``model`` may be a local HF model directory, a PEFT adapter directory (its base is loaded from the adapter's
+``base_model_name_or_path``), ``builtin:tiny-base`` (the shipped, pretrained embedded default), or a hub id,
+which is handed to ``transformers`` and fails offline with a clear message.
+
+    >>> model, tok = load_model("builtin:tiny-base")
+    >>> type(model).__name__, tok.eos_token
+    ('LlamaForCausalLM', '</s>')
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.errors import ModelError
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def builtin_path(name: str) -> Path:
+    """Directory of a shipped model (``builtin:tiny-base``)."""
+    path = ASSETS / name
+    if not (path / "config.json").is_file():
+        raise ModelError(f"builtin:{name}: no such shipped model (shipped: {', '.join(shipped_models())})")
+    return path
+
+
+def shipped_models() -> list[str]:
+    return sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").is_file()) if ASSETS.is_dir() else []
+
+
+def resolve(spec: str) -> str:
+    """A local path for builtin/local specs; a hub id is returned unchanged."""
+    if spec.startswith("builtin:"):
+        return str(builtin_path(spec.removeprefix("builtin:")))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"{spec}: a model must be a directory (with config.json), not a file")
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise ModelError(f"{spec}: not a model directory (no config.json or adapter_config.json)")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelError(f"{spec}: no such model directory")
+    return spec
+
+
+def is_adapter(path: str) -> bool:
+    return (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file()
+
+
+def _from_pretrained(loader: Any, path: str, **kw: Any) -> Any:
+    try:
+        return loader.from_pretrained(path, **kw)
+    except OSError as err:
+        if Path(path).exists():
+            raise ModelError(f"{path}: cannot load ({err})") from None
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise ModelError(
+            f"{path}: not a local directory, and loading it from the Hugging Face hub failed"
+            f"{' (HF_HUB_OFFLINE=1)' if offline else ' (no network?)'}. Download it where the hub is reachable"
+            " and pass the local directory instead."
+        ) from None
+    except ValueError as err:
+        raise ModelError(f"{path}: {err}") from None
+
+
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model or adapter directory; a missing pad token falls back to EOS."""
+    from transformers import AutoTokenizer
+
+    path = resolve(spec)
+    tokenizer = _from_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: str, *, dtype: str = "float32", trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) for a model dir, adapter dir, builtin or hub id (see module docstring)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve(spec)
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    if is_adapter(path):
+        from peft import PeftModel
+
+        base_spec = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base, _ = load_model(base_spec, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = PeftModel.from_pretrained(base, path)
+        tokenizer_dir = path if (Path(path) / "tokenizer_config.json").is_file() else resolve(base_spec)
+        return model, load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
+    model = _from_pretrained(
+        AutoModelForCausalLM, path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+    )
+    return model, load_tokenizer(path, trust_remote_code=trust_remote_code)
+
+
+def save_model_dir(model: Any, tokenizer: Any, out: Path) -> None:
+    """Save an HF model (or PEFT adapter) with its tokenizer to ``out`` atomically (temp dir, then rename)."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)

@@ -1,0 +1,76 @@
+"""Padding-free attention for packed rows on any device: each sequence attends only to itself.
+
+``transformers`` handles packed rows (``position_ids`` restarting at 0) with a block-diagonal (S, S) mask, which
+spends attention compute on every pair of tokens in the row, most of them masked. This attention
+implementation instead runs causal attention per sequence, given the sequence boundaries, and needs no mask
+at all. It is registered with ``transformers.AttentionInterface`` as ``"posttrain_varlen"``; without
+boundaries (for example during generation) it is plain causal SDPA.
+
+    >>> import torch
+    >>> from posttrain.models.tiny import build_tokenizer, build_model
+    >>> model = build_model(build_tokenizer())
+    >>> ids = torch.tensor([[5, 6, 7, 8, 9]])
+    >>> with torch.no_grad():
+    ...     ref = model(ids[:, 3:]).logits
+    ...     with packed_attention(model):
+    ...         out = model(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1]]), posttrain_bounds=(0, 3, 5)).logits
+    >>> torch.allclose(out[:, 3:], ref, atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+NAME = "posttrain_varlen"
+
+
+def varlen_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query (1, H, S, D), key/value (1, H_kv, S, D) -> (1, S, H, D); bounds = (0, end_1, ..., S)."""
+    bounds = kwargs.get("posttrain_bounds") or (0, query.shape[2])
+    gqa = query.shape[1] != key.shape[1]
+    p = dropout if module.training else 0.0
+    parts = [
+        F.scaled_dot_product_attention(
+            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scaling, dropout_p=p,
+            enable_gqa=gqa,
+        )
+        for s, e in zip(bounds[:-1], bounds[1:])
+    ]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, varlen_attention)
+
+
+def _base_config(model: Any) -> Any:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.config
+
+
+@contextmanager
+def packed_attention(model: Any) -> Iterator[None]:
+    """Use per-sequence attention inside the block, and restore the model's own implementation after it (so a
+    saved config never names an implementation that plain ``transformers`` lacks)."""
+    config = _base_config(model)
+    previous = config._attn_implementation
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous

@@ -1,0 +1,26 @@
+"""Built-in generated tasks with fixed splits and verifiers.
+
+    >>> from posttrain.tasks import get_task, TASKS
+    >>> sorted(TASKS)
+    ['arithmetic', 'uppercase']
+    >>> get_task("arithmetic").score("4+8+0=12 -> 12\\nAnswer: 12", "12")
+    (True, True)
+"""
+
+from __future__ import annotations
+
+from posttrain.tasks.arithmetic import ArithmeticTask
+from posttrain.tasks.base import Row, Task, last_integer
+from posttrain.tasks.uppercase import UppercaseTask
+
+TASKS: dict[str, Task] = {"arithmetic": ArithmeticTask(), "uppercase": UppercaseTask()}
+
+
+def get_task(name: str) -> Task:
+    """The built-in task called ``name``; a clear error lists the others."""
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; built-in tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+__all__ = ["TASKS", "Row", "Task", "get_task", "last_integer"]

@@ -1,0 +1,84 @@
+"""The task interface: a generated dataset with fixed splits plus a verifier.
+
+Legend: a *row* is a dict in the data-row contract of DESIGN.md. SFT rows carry ``prompt`` and ``completion``
+as chat messages; eval rows carry ``prompt`` and ``answer``.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from abc import ABC, abstractmethod
+from typing import Any
+
+Row = dict[str, Any]
+
+_LAST_INT = re.compile(r"-?\d+")
+
+
+def last_integer(text: str) -> str | None:
+    """The last integer in ``text`` (the usual "lenient" extraction of GSM8K-style evals).
+
+    >>> last_integer("7+5=12 -> 2\\nso 632.")
+    '632'
+    """
+    found = _LAST_INT.findall(text)
+    return found[-1].lstrip("+") if found else None
+
+
+class Task(ABC):
+    """A generated task: deterministic splits and a verifier with strict and lenient matching."""
+
+    name: str
+    description: str
+    sizes: dict[str, int] = {"train": 20000, "test": 500}
+
+    @abstractmethod
+    def example(self, rng: random.Random) -> tuple[str, str, str]:
+        """One problem drawn from ``rng``: (question, step-by-step completion, final answer)."""
+
+    @abstractmethod
+    def strict_answer(self, completion: str) -> str | None:
+        """The answer if the completion is in the expected format, else None."""
+
+    @abstractmethod
+    def lenient_answer(self, completion: str) -> str | None:
+        """The final answer found anywhere in the completion, else None."""
+
+    def split_seed(self, split: str) -> int:
+        # Fixed per task and split: the same rows on every machine and every run.
+        return sum(ord(c) * 131**i for i, c in enumerate(f"{self.name}/{split}")) % (2**31)
+
+    def rows(self, split: str, n: int | None = None) -> list[Row]:
+        """The split's rows, identical on every call. Test problems never occur in train.
+
+        >>> from posttrain.tasks import get_task
+        >>> row = get_task("arithmetic").rows("test", 1)[0]
+        >>> sorted(row)
+        ['answer', 'completion', 'prompt', 'question']
+        """
+        if split not in self.sizes:
+            raise ValueError(f"task {self.name!r} has no split {split!r}; splits: {sorted(self.sizes)}")
+        n = self.sizes[split] if n is None else n
+        held_out = set() if split == "test" else {r["question"] for r in self.rows("test")}
+        rng = random.Random(self.split_seed(split))
+        out: list[Row] = []
+        seen: set[str] = set()
+        while len(out) < n:
+            question, completion, answer = self.example(rng)
+            if question in held_out or question in seen:
+                continue
+            seen.add(question)
+            out.append(
+                {
+                    "prompt": [{"role": "user", "content": question}],
+                    "completion": [{"role": "assistant", "content": completion}],
+                    "answer": answer,
+                    "question": question,
+                }
+            )
+        return out
+
+    def score(self, completion: str, answer: str) -> tuple[bool, bool]:
+        """(strict, lenient) correctness of one completion against the gold answer."""
+        return self.strict_answer(completion) == answer, self.lenient_answer(completion) == answer

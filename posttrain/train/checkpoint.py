@@ -1,0 +1,108 @@
+"""Atomic, resumable checkpoints: ``checkpoints/step_N/`` holds the full training state.
+
+A checkpoint is written into ``checkpoints/.tmp-step_N``; ``MANIFEST.json`` (every file with its size) is written
+last and the directory is then renamed, so a run killed at any moment leaves either a complete checkpoint or a
+temp directory that resume ignores. Weights are safetensors; optimiser, scheduler and RNG states are loaded with
+``torch.load(weights_only=True)``.
+
+    >>> import tempfile, torch
+    >>> run = Path(tempfile.mkdtemp())
+    >>> model = torch.nn.Linear(2, 2); opt = torch.optim.AdamW(model.parameters())
+    >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    >>> _ = save_checkpoint(run, 3, model, opt, sched, {"step": 3}, keep=2)
+    >>> latest_checkpoint(run).name
+    'step_3'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "MANIFEST.json"
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name (tied weights once): all weights for a full fine-tune, the adapters for LoRA."""
+    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: dict, *, keep: int
+) -> Path:
+    """Write ``checkpoints/step_{step}`` atomically and keep only the newest ``keep`` complete ones."""
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / f"step_{step}", root / f".tmp-step_{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    for name in files:
+        _fsync(tmp / name)
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}))
+    _fsync(tmp / MANIFEST)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _is_complete(path: Path) -> bool:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        return all((path / n).stat().st_size == size for n, size in manifest["files"].items())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first; temp and partial directories are ignored."""
+    root = Path(run_dir) / "checkpoints"
+    found = [p for p in root.glob("step_*") if p.name[5:].isdigit() and _is_complete(p)] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint in ``run_dir``, or None."""
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict:
+    """Restore weights, optimiser, scheduler and RNG from ``path``; returns the trainer state dict."""
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    if missing:
+        raise RuntimeError(f"{path}: checkpoint lacks trainable weights {missing[:3]}")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(_as_tuple(rng["python"]))
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -1,0 +1,57 @@
+"""From a data spec to tokenised training examples, with the bad-row and max-length policies applied."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from posttrain.data.encode import EncodeStats, Example, apply_length_policy, encode_row
+from posttrain.data.rows import load_rows, validate_rows
+from posttrain.errors import DataError
+
+
+@dataclass
+class PreparedData:
+    examples: list[Example]
+    rows: int
+    skipped_rows: int
+    truncated: int
+    dropped: int
+
+    def summary(self) -> dict[str, int]:
+        return {"rows": self.rows, "examples": len(self.examples), "skipped_bad_rows": self.skipped_rows,
+                "truncated": self.truncated, "dropped_too_long": self.dropped}
+
+
+def prepare_examples(
+    source: Any, tokenizer: Any, *, kind: str, max_length: int, length_policy: str, completion_only: bool,
+    skip_bad_rows: bool = False, run_dir: Path | None = None, label: str = "data",
+) -> PreparedData:
+    """Load, validate, tokenise and length-check rows. Bad rows raise ``DataError`` (file, line, field) unless
+    ``skip_bad_rows``, in which case their count and reasons go to ``run_dir/bad_rows.json``."""
+    name = source if isinstance(source, str) else "<rows>"
+    checked = validate_rows(load_rows(source), kind, source=name, skip_bad_rows=skip_bad_rows)
+    if checked.skipped and run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / f"bad_rows{'' if label == 'data' else '_' + label}.json").write_text(
+            json.dumps({"source": name, "count": len(checked.skipped), "rows": checked.skipped}, indent=1)
+        )
+    stats = EncodeStats()
+    examples = []
+    for row, line in zip(checked.rows, checked.lines):
+        try:
+            example = encode_row(row, tokenizer, completion_only=completion_only)
+        except DataError as err:
+            raise DataError(name, line, err.field, err.reason) from None
+        kept = apply_length_policy(example, max_length, length_policy, stats)
+        if kept is not None:
+            examples.append(kept)
+    if not examples:
+        raise DataError(
+            name, None, None,
+            f"no usable rows: {stats.dropped} of {len(checked.rows)} dropped by length_policy={length_policy!r}"
+            f" at max_length={max_length} ({', '.join(sorted(set(stats.reasons)))})",
+        )
+    return PreparedData(examples, len(checked.rows), len(checked.skipped), stats.truncated, stats.dropped)

@@ -1,0 +1,52 @@
+"""One forward pass over a packed batch, shared by training, held-out loss and perplexity.
+
+Legend: S tokens of the packed row.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from posttrain.data.batching import PackedBatch, pack
+from posttrain.data.encode import Example
+from posttrain.losses import sft_loss
+from posttrain.models.varlen import packed_attention
+
+
+def sequence_bounds(batch: PackedBatch) -> tuple[int, ...]:
+    """(0, end_1, ..., S): where each packed sequence ends."""
+    return tuple([0] + torch.cumsum(torch.bincount(batch.seq_ids[0]), 0).tolist())
+
+
+def packed_token_losses(model: Any, batch: PackedBatch) -> tuple[Tensor, Tensor]:
+    """Per-token NLL (1, S) (0 where not a target) and argmax-correct (1, S) bool for a packed batch."""
+    with packed_attention(model):
+        logits = model(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            posttrain_bounds=sequence_bounds(batch),
+            use_cache=False,
+        ).logits
+    return sft_loss(logits, batch.targets, batch.target_mask)
+
+
+@torch.no_grad()
+def mean_nll(model: Any, examples: Sequence[Example], *, batch_size: int = 64) -> dict[str, float]:
+    """Token-mean negative log-likelihood over ``examples`` and its perplexity (model put in eval mode)."""
+    was_training = model.training
+    model.eval()
+    total, count, correct = 0.0, 0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = pack(list(examples[start : start + batch_size]))
+        losses, right = packed_token_losses(model, batch)
+        total += float(losses.sum())
+        count += batch.num_target_tokens
+        correct += int(right.sum())
+    model.train(was_training)
+    nll = total / max(count, 1)
+    return {"loss": nll, "perplexity": math.exp(min(nll, 50.0)), "token_accuracy": correct / max(count, 1),
+            "tokens": count}
