@@ -16,6 +16,6 @@ def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
     >>> token_logps(logits, torch.tensor([[1]])).exp()
     tensor([[0.2500]])
     """
-    logits = logits.float()
+    logits = logits if logits.dtype == torch.float64 else logits.float()
     picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)

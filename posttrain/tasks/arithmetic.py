@@ -1,10 +1,12 @@
 """Addition word problems solved column by column (the reasoning task of the embedded default).
 
-The step-by-step solution works from the units column up, so every carry is computed before it is used, and
-each line carries the partial result, so the final answer is a copy of the last partial:
+The solution first restates the sum with both operands padded to one width (so column i sits at a fixed
+place), then works from the units column up, so every carry is computed before it is used; each line carries
+the partial result, so the final answer is a copy of the last partial:
 
     Q: Ann has 47 shells and finds 285 more. How many shells does Ann have now?
-    A: 7+5+0=12 -> 2
+    A: 047+285
+       7+5+0=12 -> 2
        4+8+1=13 -> 32
        0+2+1=3 -> 332
        Answer: 332
@@ -29,10 +31,11 @@ TEMPLATES = [
 _STRICT = re.compile(r"(?:^|\n)Answer: (-?\d+)\s*$")
 
 
-def column_addition(a: int, b: int) -> str:
-    """The step-by-step solution of ``a + b`` (units column first), ending in ``Answer: <sum>``.
+def column_addition(a: int, b: int, *, final: str = "Answer: ") -> str:
+    """The step-by-step solution of ``a + b`` (units column first), ending in ``<final><sum>``.
 
     >>> print(column_addition(47, 285))
+    047+285
     7+5+0=12 -> 2
     4+8+1=13 -> 32
     0+2+1=3 -> 332
@@ -40,7 +43,7 @@ def column_addition(a: int, b: int) -> str:
     """
     da, db = str(a)[::-1], str(b)[::-1]
     width = max(len(da), len(db))
-    lines, partial, carry = [], "", 0
+    lines, partial, carry = [f"{a:0{width}d}+{b:0{width}d}"], "", 0
     for i in range(width):
         x = int(da[i]) if i < len(da) else 0
         y = int(db[i]) if i < len(db) else 0
@@ -49,7 +52,7 @@ def column_addition(a: int, b: int) -> str:
         partial = (str(s) if i == width - 1 else str(s % 10)) + partial
         lines.append(f"{x}+{y}+{carry}={s} -> {partial}")
         carry = s // 10
-    lines.append(f"Answer: {a + b}")
+    lines.append(f"{final}{a + b}")
     return "\n".join(lines)
 
 

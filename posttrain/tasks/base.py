@@ -31,7 +31,9 @@ class Task(ABC):
 
     name: str
     description: str
-    sizes: dict[str, int] = {"train": 20000, "test": 500}
+    sizes: dict[str, int] = {"train": 20000, "val": 200, "test": 500}
+    # Earlier splits are drawn first and excluded from later ones: test, then val, then train.
+    order = ("test", "val", "train")
 
     @abstractmethod
     def example(self, rng: random.Random) -> tuple[str, str, str]:
@@ -50,7 +52,7 @@ class Task(ABC):
         return sum(ord(c) * 131**i for i, c in enumerate(f"{self.name}/{split}")) % (2**31)
 
     def rows(self, split: str, n: int | None = None) -> list[Row]:
-        """The split's rows, identical on every call. Test problems never occur in train.
+        """The split's rows, identical on every call. Test and val problems never occur in train.
 
         >>> from posttrain.tasks import get_task
         >>> row = get_task("arithmetic").rows("test", 1)[0]
@@ -60,7 +62,9 @@ class Task(ABC):
         if split not in self.sizes:
             raise ValueError(f"task {self.name!r} has no split {split!r}; splits: {sorted(self.sizes)}")
         n = self.sizes[split] if n is None else n
-        held_out = set() if split == "test" else {r["question"] for r in self.rows("test")}
+        held_out = set()
+        for earlier in self.order[: self.order.index(split)]:
+            held_out |= {r["question"] for r in self.rows(earlier)}
         rng = random.Random(self.split_seed(split))
         out: list[Row] = []
         seen: set[str] = set()

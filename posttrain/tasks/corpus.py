@@ -1,7 +1,8 @@
 """The generated pretraining corpus of the embedded default.
 
 Documents mix what a tiny model needs before post-training: the one-digit addition table with carries (the
-atoms of column addition), sentences in the style of the word problems (without solutions: the solving is
+atoms of column addition), worked column additions as plain worksheets (no questions, no chat turns), sentences
+in the style of the word problems (without solutions: reading a problem and answering it in a conversation is
 what SFT teaches), and conversations of the retention task rendered with the chat template, so the base model
 already knows the turn format and one skill whose retention later stages are measured on.
 """
@@ -10,10 +11,10 @@ from __future__ import annotations
 
 import random
 
-from posttrain.tasks.arithmetic import NAMES, THINGS
+from posttrain.tasks.arithmetic import NAMES, THINGS, column_addition
 from posttrain.tasks.uppercase import UppercaseTask
 
-SIZES = {"train": 6000, "val": 200}
+SIZES = {"train": 20000, "val": 200}
 
 
 def _facts_document(rng: random.Random) -> str:
@@ -22,6 +23,11 @@ def _facts_document(rng: random.Random) -> str:
         x, y, c = rng.randint(0, 9), rng.randint(0, 9), rng.randint(0, 1)
         lines.append(f"{x}+{y}+{c}={x + y + c}")
     return "\n".join(lines)
+
+
+def _worksheet_document(rng: random.Random) -> str:
+    a, b = (rng.randint(1, 10 ** rng.randint(1, 4) - 1) for _ in range(2))
+    return column_addition(a, b, final="= ")
 
 
 def _story_document(rng: random.Random) -> str:
@@ -53,9 +59,11 @@ def corpus_rows(split: str = "train", n: int | None = None) -> list[dict[str, st
     rows = []
     while len(rows) < (SIZES[split] if n is None else n):
         kind = rng.random()
-        if kind < 0.35:
+        if kind < 0.2:
             text = _facts_document(rng)
-        elif kind < 0.55:
+        elif kind < 0.5:
+            text = _worksheet_document(rng)
+        elif kind < 0.65:
             text = _story_document(rng)
         else:
             text = _dialogue_document(rng, retention)

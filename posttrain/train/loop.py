@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -78,8 +79,11 @@ def train(
     eval_examples: Sequence[Example] = (),
     loss_fn: LossFn = packed_token_losses,
     stage: str = "train",
+    stop_after: int | None = None,
 ) -> LoopResult:
-    """Train ``model`` in place on ``examples`` for ``cfg.max_steps`` optimiser steps (see module docstring)."""
+    """Train ``model`` in place on ``examples`` for ``cfg.max_steps`` optimiser steps (see module docstring).
+
+    ``stop_after`` returns early after that step, as if the process had died there (for resume tests)."""
     check_loop_config(cfg)
     run_dir = Path(run_dir)
     if cfg.threads:
@@ -138,7 +142,9 @@ def train(
             state["skipped_steps"] += 1
             state["bad_in_row"] += 1
         lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+        with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step_tokens = sum(b.num_tokens for b in batches)
         state.update(step=step, tokens=state["tokens"] + step_tokens, sampler=sampler.state_dict())
@@ -165,8 +171,12 @@ def train(
             window_time, window_tokens = now, 0
         if eval_examples and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
             log.write({"step": step, **{f"eval_{k}": v for k, v in mean_nll(model, eval_examples).items()}})
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+        # No checkpoint in the middle of a non-finite streak: the last good one must survive the rotation.
+        due = (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps
+        if due and state["bad_in_row"] == 0:
             save_checkpoint(run_dir, step, model, optimizer, scheduler, state, keep=cfg.keep_checkpoints)
+        if stop_after is not None and step >= stop_after:
+            break
     bar.close()
 
     wall = time.perf_counter() - start_time

@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH := torch==2.13.0
+
+.PHONY: demo test lint bench venv clean
+
+$(VENV)/.base:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The pinned CPU build first, so that no dependency pulls a CUDA torch.
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.base
+	$(VENV)/bin/posttrain demo --out runs/demo
+
+test: $(VENV)/.test
+	$(PY) -m ruff check posttrain tests benchmarks
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(VENV)/.test
+	$(PY) -m ruff check posttrain tests benchmarks
+	$(PY) -m ruff format --check posttrain tests benchmarks
+
+bench: $(VENV)/.base
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/bench_sft.py
+
+clean:
+	rm -rf $(VENV) runs

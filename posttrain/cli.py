@@ -1,0 +1,166 @@
+"""The ``posttrain`` command: one sub-command per stage, plus ``run`` (a recipe) and ``demo`` (the quickstart).
+
+Every training flag is a field of the stage's config (``--lora-rank`` is ``lora_rank``) and can also be set in
+a YAML recipe or with ``--set key=value``. User errors print one clear line and exit with status 2.
+
+    $ posttrain sft --model builtin:tiny-base --data task:arithmetic --out runs/sft --max-steps 200 --lr 2e-3
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from typing import Any, Sequence
+
+from posttrain.config import STAGE_CONFIGS, build_config, field_help
+from posttrain.errors import ConfigError, PosttrainError
+
+DESCRIPTIONS = {
+    "pretrain": "train a causal LM on text rows (from scratch with --model builtin:tiny)",
+    "sft": "supervised fine-tuning, full or LoRA (--lora-rank R)",
+    "eval": "accuracy (strict/lenient), pass@k and perplexity on held-out rows",
+}
+
+
+def _flag_value(raw: str, tp: Any, flag: str) -> Any:
+    """Convert a flag's text to the field's type (numbers, lists as a,b,c); errors name the flag."""
+    origin = typing.get_origin(tp)
+    try:
+        if tp is int:
+            return int(raw)
+        if tp is float:
+            return float(raw)
+        if origin is list:
+            return [x for x in raw.split(",") if x]
+    except ValueError:
+        kind = "an integer" if tp is int else "a number"
+        raise ConfigError(f"{flag}: expected {kind}, got {raw!r}") from None
+    return raw
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{field_help(cls)[f.name]} (default: {default!r})"
+        if hints[f.name] is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+        else:
+            choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else None
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                choices=choices, help=help_text)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key (repeatable)")
+
+
+def _stage_config(cls: type, args: argparse.Namespace, stage: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for item in args.overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item}: expected key=value")
+        key = key.removeprefix(f"{stage}.")
+        values[key] = _flag_value(raw, hints[key], f"--set {key}") if key in hints else raw
+        if key in hints and hints[key] is bool:
+            values[key] = raw.lower() in ("1", "true", "yes", "on")
+    for name in hints:
+        if name in vars(args):
+            raw = getattr(args, name)
+            values[name] = raw if isinstance(raw, bool) else _flag_value(raw, hints[name], "--" + name.replace("_", "-"))
+    return build_config(cls, values, path=stage)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posttrain", description="LLM post-training: SFT, RL, search, evaluation.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser("demo", help="the built-in quickstart: pretrain -> SFT -> eval on the embedded default")
+    demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    demo.add_argument("--from-scratch", action="store_true", help="pretrain the base on the spot instead of using the shipped one")
+    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run = sub.add_parser("run", help="run a YAML recipe (stages in order, evaluated after each)")
+    run.add_argument("recipe", help="recipe file")
+    run.add_argument("--out", default=None, help="run directory (default: the recipe's out)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    for name, cls in STAGE_CONFIGS.items():
+        p = sub.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name] + "\n\n" + (cls.__doc__ or ""))
+        _add_config_flags(p, cls)
+    gen = sub.add_parser("generate", help="generate completions for prompts")
+    gen.add_argument("--model", required=True)
+    gen.add_argument("--prompt", action="append", default=[], help="a user message (repeatable)")
+    gen.add_argument("--raw", action="store_true", help="use prompts as raw text (no chat template)")
+    gen.add_argument("--strategy", choices=["greedy", "sample"], default="greedy")
+    gen.add_argument("--n", type=int, default=1)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--max-new-tokens", type=int, default=96)
+    gen.add_argument("--seed", type=int, default=0)
+    merge = sub.add_parser("merge", help="merge a LoRA adapter into its base: a plain HF model")
+    merge.add_argument("--model", required=True, help="base model (dir, builtin:tiny-base or hub id)")
+    merge.add_argument("--lora", required=True, help="PEFT adapter directory")
+    merge.add_argument("--out", required=True, help="output model directory")
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from posttrain.data.encode import render_prompt
+    from posttrain.eval.generate import generate_texts
+    from posttrain.models.loading import load_model
+
+    if not args.prompt:
+        raise ConfigError("generate: give at least one --prompt")
+    model, tokenizer = load_model(args.model)
+    torch.manual_seed(args.seed)
+    rows = [{"prompt": p if args.raw else [{"role": "user", "content": p}]} for p in args.prompt]
+    prompts = [render_prompt(r, tokenizer) for r in rows]
+    outs = generate_texts(model, tokenizer, prompts, n=args.n, do_sample=args.strategy == "sample",
+                          temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    print(json.dumps([{"prompt": p, "completions": o} for p, o in zip(args.prompt, outs)], indent=1))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``posttrain`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from posttrain.pipeline import run_demo
+
+            run_demo(out=args.out, from_scratch=args.from_scratch, progress=not args.no_progress)
+        elif args.command == "run":
+            from posttrain.pipeline import load_recipe, run_recipe
+
+            run_recipe(load_recipe(args.recipe, args.overrides), out=args.out, progress=not args.no_progress)
+        elif args.command in ("pretrain", "sft"):
+            from posttrain.train.stage import run_lm_stage
+
+            summary = run_lm_stage(_stage_config(STAGE_CONFIGS[args.command], args, args.command), stage=args.command)
+            print(json.dumps({k: summary[k] for k in ("final", "steps", "final_train_loss", "heldout", "wall_s")}))
+        elif args.command == "eval":
+            from posttrain.eval.harness import evaluate
+
+            result = evaluate(_stage_config(STAGE_CONFIGS["eval"], args, "eval"))
+            print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=1))
+        elif args.command == "generate":
+            _generate(args)
+        elif args.command == "merge":
+            from posttrain.models.lora import merge_adapter
+
+            print(merge_adapter(args.model, args.lora, args.out))
+    except PosttrainError as err:
+        print(f"posttrain {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"posttrain {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""``posttrain eval``: accuracy (strict and lenient), pass@k and perplexity of a model on held-out rows.
+
+    >>> from posttrain.config import build_config, EvalConfig
+    >>> cfg = build_config(EvalConfig, {"task": "uppercase", "limit": 8, "max_new_tokens": 12}, path="eval")
+    >>> result = evaluate(cfg)
+    >>> 0.0 <= result["accuracy"] <= 1.0, result["rows"]
+    (True, 8)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.data.encode import render_prompt
+from posttrain.data.rows import load_rows, validate_rows
+from posttrain.errors import ConfigError, DataError
+from posttrain.eval.generate import generate_texts
+from posttrain.eval.metrics import ks_up_to, pass_at_k
+from posttrain.models.loading import load_model
+from posttrain.tasks import get_task
+from posttrain.tasks.base import last_integer
+
+_ANSWER_LINE = re.compile(r"(?:^|\n)\s*(?:Answer|answer|ANSWER)\s*[:=]\s*(.+?)\s*$")
+
+
+def generic_score(completion: str, answer: str) -> tuple[bool, bool]:
+    """Verifier for user data: strict = the reply ends with "Answer: <answer>" or is exactly the answer;
+    lenient = the last number (for numeric answers) or the answer text appears anywhere.
+
+    >>> generic_score("so 3+4=7\\nAnswer: 7", "7"), generic_score("it is 7.", "7")
+    ((True, True), (False, True))
+    """
+    gold = answer.strip()
+    text = completion.strip()
+    match = _ANSWER_LINE.search(text)
+    strict = text == gold or (match is not None and match.group(1).rstrip(".") == gold)
+    if re.fullmatch(r"-?\d+", gold):
+        lenient = last_integer(text) == gold
+    else:
+        lenient = re.search(r"(?<!\w)" + re.escape(gold.lower()) + r"(?!\w)", text.lower()) is not None
+    return strict, lenient or strict
+
+
+def _rows_and_scorer(cfg: Any) -> tuple[list[dict], Any, str]:
+    if bool(cfg.task) == bool(cfg.data):
+        raise ConfigError("eval: give exactly one of task (a built-in task name) or data (a file of prompt/answer rows)")
+    if cfg.task:
+        task = get_task(cfg.task)
+        return task.rows("test"), task.score, f"task:{cfg.task}:test"
+    rows = validate_rows(load_rows(cfg.data), "prompt", source=cfg.data).rows
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("answer"), (str, int, float)):
+            raise DataError(cfg.data, i + 1, "answer", "an eval row needs an answer (string or number)")
+        row["answer"] = str(row["answer"])
+    return rows, generic_score, cfg.data
+
+
+def evaluate_model(model: Any, tokenizer: Any, cfg: Any) -> dict[str, Any]:
+    """Evaluate an already loaded model (see module docstring for the fields of the result)."""
+    if cfg.n < 1:
+        raise ConfigError(f"eval.n: must be at least 1, got {cfg.n}")
+    if cfg.strategy == "greedy" and cfg.n > 1:
+        raise ConfigError("eval.n: greedy decoding gives one answer per prompt; use strategy sample for n > 1")
+    rows, score, source = _rows_and_scorer(cfg)
+    rows = rows[: cfg.limit] if cfg.limit else rows
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    prompts = [render_prompt(r, tokenizer) for r in rows]
+    samples = generate_texts(
+        model, tokenizer, prompts, n=cfg.n, do_sample=cfg.strategy == "sample", temperature=cfg.temperature,
+        top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+    )
+    new_tokens = generate_texts.last_new_tokens  # type: ignore[attr-defined]
+    strict = [[score(s, r["answer"])[0] for s in group] for group, r in zip(samples, rows)]
+    lenient = [[score(s, r["answer"])[1] for s in group] for group, r in zip(samples, rows)]
+    mean = lambda grid: sum(sum(g) / len(g) for g in grid) / len(grid)  # noqa: E731
+    result: dict[str, Any] = {
+        "source": source,
+        "strategy": cfg.strategy,
+        "n": cfg.n,
+        "rows": len(rows),
+        "accuracy": mean(strict),
+        "accuracy_strict": mean(strict),
+        "accuracy_lenient": mean(lenient),
+        "pass_at_k": {
+            str(k): sum(pass_at_k(n=cfg.n, c=sum(g), k=k) for g in strict) / len(rows) for k in ks_up_to(cfg.n)
+        },
+        "tokens_per_question": new_tokens / len(rows),
+        "examples": [
+            {"prompt": p, "completion": s[0], "answer": r["answer"], "strict": st[0], "lenient": le[0]}
+            for p, s, r, st, le in list(zip(prompts, samples, rows, strict, lenient))[:5]
+        ],
+    }
+    if cfg.perplexity_data:
+        result["perplexity"] = perplexity(model, tokenizer, cfg.perplexity_data)
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def perplexity(model: Any, tokenizer: Any, source: str, *, max_length: int = 512) -> float:
+    """Token-level perplexity of ``model`` on text rows (all tokens count)."""
+    from posttrain.train.data_prep import prepare_examples
+    from posttrain.train.forward import mean_nll
+
+    data = prepare_examples(source, tokenizer, kind="text", max_length=max_length, length_policy="truncate",
+                            completion_only=False)
+    nll = mean_nll(model, data.examples)["loss"]
+    return math.exp(min(nll, 50.0))
+
+
+def evaluate(cfg: Any) -> dict[str, Any]:
+    """Load ``cfg.model``, evaluate it and write ``cfg.out`` (JSON) if given."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    result = {"model": cfg.model, **evaluate_model(model, tokenizer, cfg)}
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).write_text(json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,113 @@
+"""Run reports: the stage table printed to the terminal, and ``report.html`` with tables and plots (PNG,
+embedded), readable offline in any browser."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+COLUMNS = [("accuracy", "strict acc"), ("accuracy_lenient", "lenient acc"), ("retention_accuracy", "retention acc"),
+           ("perplexity", "perplexity")]
+
+
+def _fmt(value: Any, key: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if key == "perplexity" else f"{100 * value:.1f}%"
+
+
+def stage_rows(stages: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for s in stages:
+        ev = s.get("eval", {})
+        rows.append([s["name"], s.get("source", "")] + [_fmt(ev.get(k), k) for k, _ in COLUMNS]
+                    + [f"{s.get('train_wall_s', 0):.1f}s", f"{s.get('wall_s', 0):.1f}s"])
+    return rows
+
+
+HEADER = ["stage", "source"] + [label for _, label in COLUMNS] + ["train time", "wall time"]
+
+
+def print_stage_table(stages: list[dict[str, Any]]) -> None:
+    """Print the stage table (held-out strict/lenient accuracy, retention, perplexity, wall time)."""
+    rows = [HEADER] + stage_rows(stages)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    print()
+    for j, row in enumerate(rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+    print(flush=True)
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _read_metrics(run_dir: str | None) -> list[dict[str, Any]]:
+    path = Path(run_dir or "") / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
+    """Write ``report.html``: stage table, loss curves of every trained stage, accuracy per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = summary["stages"]
+    images = []
+    trained = [s for s in stages if s.get("run_dir")]
+    if trained:
+        fig, axes = plt.subplots(1, len(trained), figsize=(5 * len(trained), 3.2), squeeze=False)
+        for ax, s in zip(axes[0], trained):
+            metrics = _read_metrics(s["run_dir"])
+            train = [(m["step"], m["loss"]) for m in metrics if m.get("loss") is not None]
+            held = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
+            if train:
+                ax.plot(*zip(*train), label="train loss")
+            if held:
+                ax.plot(*zip(*held), "o-", label="held-out loss")
+            ax.set_title(f"{s['name']}: loss")
+            ax.set_xlabel("step")
+            ax.legend()
+        images.append(("Loss curves", _png(fig)))
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    names = [s["name"] for s in stages]
+    width = 0.27
+    for j, (key, label) in enumerate(COLUMNS[:3]):
+        values = [100 * (s.get("eval", {}).get(key) or 0) for s in stages]
+        ax.bar([i + (j - 1) * width for i in range(len(stages))], values, width, label=label)
+    ax.set_xticks(range(len(stages)), names)
+    ax.set_ylabel("% of held-out problems")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    ax.set_title("Held-out accuracy after each stage")
+    images.append(("Accuracy by stage", _png(fig)))
+    plt.close(fig)
+
+    table = "".join(
+        "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row) + "</tr>"
+        for tag, row in [("th", HEADER)] + [("td", r) for r in stage_rows(stages)]
+    )
+    body = "".join(f"<h2>{t}</h2><img src='data:image/png;base64,{b}'/>" for t, b in images)
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>posttrain report</title><style>"
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}</style></head><body>"
+        f"<h1>posttrain run: {html.escape(str(summary.get('recipe', '')))}</h1>"
+        f"<p>total wall time {summary.get('wall_s', 0):.1f}s; final model "
+        f"<code>{html.escape(str(summary.get('final_model')))}</code></p>"
+        f"<h2>Stages</h2><table>{table}</table>{body}</body></html>"
+    )
+    path = Path(run_dir) / "report.html"
+    path.write_text(page)
+    return path
