@@ -13,7 +13,8 @@ import dataclasses
 import json
 import sys
 import typing
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from posttrain.config import STAGE_CONFIGS, build_config, field_help
 from posttrain.errors import ConfigError, PosttrainError
@@ -48,14 +49,22 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f"{field_help(cls)[f.name]} (default: {default!r})"
         if hints[f.name] is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text)
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
         else:
             choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else None
-            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                                choices=choices, help=help_text)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config key (repeatable)")
+            parser.add_argument(
+                flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(), choices=choices, help=help_text
+            )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key (repeatable)",
+    )
 
 
 def _stage_config(cls: type, args: argparse.Namespace, stage: str) -> Any:
@@ -72,7 +81,9 @@ def _stage_config(cls: type, args: argparse.Namespace, stage: str) -> Any:
     for name in hints:
         if name in vars(args):
             raw = getattr(args, name)
-            values[name] = raw if isinstance(raw, bool) else _flag_value(raw, hints[name], "--" + name.replace("_", "-"))
+            values[name] = (
+                raw if isinstance(raw, bool) else _flag_value(raw, hints[name], "--" + name.replace("_", "-"))
+            )
     return build_config(cls, values, path=stage)
 
 
@@ -81,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser("demo", help="the built-in quickstart: pretrain -> SFT -> eval on the embedded default")
     demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    demo.add_argument("--from-scratch", action="store_true", help="pretrain the base on the spot instead of using the shipped one")
+    demo.add_argument(
+        "--from-scratch", action="store_true", help="pretrain the base on the spot instead of using the shipped one"
+    )
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run = sub.add_parser("run", help="run a YAML recipe (stages in order, evaluated after each)")
     run.add_argument("recipe", help="recipe file")
@@ -120,14 +133,24 @@ def _generate(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     rows = [{"prompt": p if args.raw else [{"role": "user", "content": p}]} for p in args.prompt]
     prompts = [render_prompt(r, tokenizer) for r in rows]
-    outs = generate_texts(model, tokenizer, prompts, n=args.n, do_sample=args.strategy == "sample",
-                          temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    outs = generate_texts(
+        model,
+        tokenizer,
+        prompts,
+        n=args.n,
+        do_sample=args.strategy == "sample",
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+    )
     print(json.dumps([{"prompt": p, "completions": o} for p, o in zip(args.prompt, outs)], indent=1))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``posttrain`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars show progress; per-file loading bars are noise here
     try:
         if args.command == "demo":
             from posttrain.pipeline import run_demo

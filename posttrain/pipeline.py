@@ -100,8 +100,9 @@ def run_suite(model_spec: str, recipe: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"tasks": {}}
     for i, cfg in enumerate(suite_configs(recipe)):
         result = evaluate_model(model, tokenizer, cfg)
-        out["tasks"][cfg.task] = {k: result[k] for k in ("accuracy", "accuracy_strict", "accuracy_lenient", "rows",
-                                                        "tokens_per_question")}
+        out["tasks"][cfg.task] = {
+            k: result[k] for k in ("accuracy", "accuracy_strict", "accuracy_lenient", "rows", "tokens_per_question")
+        }
         if i == 0:
             out.update(accuracy=result["accuracy_strict"], accuracy_lenient=result["accuracy_lenient"])
         else:
@@ -132,22 +133,35 @@ def run_recipe(recipe: dict[str, Any], *, out: str | None = None, progress: bool
         if "use" in stage:
             previous = resolve(str(stage["use"]))
             provenance = Path(previous) / "PROVENANCE.json"
-            record = {"name": stage["name"], "source": "shipped", "model": previous,
-                      "provenance": json.loads(provenance.read_text()) if provenance.exists() else None}
+            record = {
+                "name": stage["name"],
+                "source": "shipped",
+                "model": previous,
+                "provenance": json.loads(provenance.read_text()) if provenance.exists() else None,
+            }
         else:
             kind, cfg = stage_config(stage, index=index, out=run_dir, previous_model=previous)
             cfg = replace(cfg, progress=progress and cfg.progress)
             summary = run_lm_stage(cfg, stage=kind)
             previous = summary["final"]
-            record = {"name": stage["name"], "source": "trained", "model": previous, "train": summary,
-                      "run_dir": cfg.out}
+            record = {
+                "name": stage["name"],
+                "source": "trained",
+                "model": previous,
+                "train": summary,
+                "run_dir": cfg.out,
+            }
         record["train_wall_s"] = time.perf_counter() - t0
         record["eval"] = run_suite(previous, recipe)
         record["wall_s"] = time.perf_counter() - t0
         stages.append(record)
         print_stage_table(stages)
-    summary = {"recipe": recipe.get("name", ""), "stages": stages, "wall_s": time.perf_counter() - started,
-               "final_model": previous}
+    summary = {
+        "recipe": recipe.get("name", ""),
+        "stages": stages,
+        "wall_s": time.perf_counter() - started,
+        "final_model": previous,
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     write_report(run_dir, summary)
     return summary

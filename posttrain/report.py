@@ -10,8 +10,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-COLUMNS = [("accuracy", "strict acc"), ("accuracy_lenient", "lenient acc"), ("retention_accuracy", "retention acc"),
-           ("perplexity", "perplexity")]
+COLUMNS = [
+    ("accuracy", "strict acc"),
+    ("accuracy_lenient", "lenient acc"),
+    ("retention_accuracy", "retention acc"),
+    ("perplexity", "perplexity"),
+]
 
 
 def _fmt(value: Any, key: str) -> str:
@@ -24,8 +28,11 @@ def stage_rows(stages: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for s in stages:
         ev = s.get("eval", {})
-        rows.append([s["name"], s.get("source", "")] + [_fmt(ev.get(k), k) for k, _ in COLUMNS]
-                    + [f"{s.get('train_wall_s', 0):.1f}s", f"{s.get('wall_s', 0):.1f}s"])
+        rows.append(
+            [s["name"], s.get("source", "")]
+            + [_fmt(ev.get(k), k) for k, _ in COLUMNS]
+            + [f"{s.get('train_wall_s', 0):.1f}s", f"{s.get('wall_s', 0):.1f}s"]
+        )
     return rows
 
 

@@ -70,8 +70,14 @@ def test_completion_only_mask_prompt_completion(tokenizer):
 
 
 def test_messages_mask_covers_every_assistant_turn_only(tokenizer):
-    row = {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "A1"},
-                        {"role": "user", "content": "q2"}, {"role": "assistant", "content": "B"}]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "A1"},
+            {"role": "user", "content": "q2"},
+            {"role": "assistant", "content": "B"},
+        ]
+    }
     ex = encode_row(row, tokenizer)
     trained = "".join(tokenizer.decode([t]) for t, m in zip(ex.input_ids, ex.loss_mask) if m)
     # The assistant contents and their end-of-turn tokens are trained; user turns and role markers are not.

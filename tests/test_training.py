@@ -21,8 +21,16 @@ from posttrain.train.loop import train
 
 
 def cfg(tmp_path, **kw):
-    base = {"out": str(tmp_path), "max_steps": 4, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1,
-            "log_every": 1, "progress": False, "seed": 0}
+    base = {
+        "out": str(tmp_path),
+        "max_steps": 4,
+        "batch_size": 4,
+        "lr": 3e-3,
+        "warmup_steps": 1,
+        "log_every": 1,
+        "progress": False,
+        "seed": 0,
+    }
     return build_config(SFTConfig, {**base, **kw}, path="sft")
 
 
@@ -47,7 +55,9 @@ def test_one_batch_of_8_equals_8_micro_batches_of_1(tmp_path, tokenizer, example
     wa, wb = weights(a), weights(b)
     for name in wa:
         assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)
-    assert wa["model.embed_tokens.weight"].ne(weights(build_model(tokenizer, seed=0))["model.embed_tokens.weight"]).any()
+    assert (
+        wa["model.embed_tokens.weight"].ne(weights(build_model(tokenizer, seed=0))["model.embed_tokens.weight"]).any()
+    )
 
 
 def test_packed_equals_padded_logps(tiny_model, examples):

@@ -12,9 +12,10 @@ the line and the field; ``skip_bad_rows=True`` instead drops it and records why.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from posttrain.errors import DataError
 

@@ -1,15 +1,16 @@
 """Batched generation for evaluation with Hugging Face ``generate`` (KV cache, left padding).
 
-    >>> from posttrain.models.loading import load_model
-    >>> model, tok = load_model("builtin:tiny-base")
-    >>> out = generate_texts(model, tok, ["<|user|>Write in capitals: dog</s><|assistant|>"], max_new_tokens=8)
-    >>> len(out), len(out[0])
-    (1, 1)
+>>> from posttrain.models.loading import load_model
+>>> model, tok = load_model("builtin:tiny-base")
+>>> out = generate_texts(model, tok, ["<|user|>Write in capitals: dog</s><|assistant|>"], max_new_tokens=8)
+>>> len(out), len(out[0])
+(1, 1)
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -38,8 +39,12 @@ def generate_texts(
             chunk = list(prompts[start : start + batch_size])
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(model.device) for k, v in enc.items()}
-            kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_return_sequences=n,
-                                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            kwargs: dict[str, Any] = dict(
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=n,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
             if do_sample:
                 kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
             else:

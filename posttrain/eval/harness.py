@@ -1,10 +1,10 @@
 """``posttrain eval``: accuracy (strict and lenient), pass@k and perplexity of a model on held-out rows.
 
-    >>> from posttrain.config import build_config, EvalConfig
-    >>> cfg = build_config(EvalConfig, {"task": "uppercase", "limit": 8, "max_new_tokens": 12}, path="eval")
-    >>> result = evaluate(cfg)
-    >>> 0.0 <= result["accuracy"] <= 1.0, result["rows"]
-    (True, 8)
+>>> from posttrain.config import build_config, EvalConfig
+>>> cfg = build_config(EvalConfig, {"task": "uppercase", "limit": 8, "max_new_tokens": 12}, path="eval")
+>>> result = evaluate(cfg)
+>>> 0.0 <= result["accuracy"] <= 1.0, result["rows"]
+(True, 8)
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ def generic_score(completion: str, answer: str) -> tuple[bool, bool]:
 
 def _rows_and_scorer(cfg: Any) -> tuple[list[dict], Any, str]:
     if bool(cfg.task) == bool(cfg.data):
-        raise ConfigError("eval: give exactly one of task (a built-in task name) or data (a file of prompt/answer rows)")
+        raise ConfigError(
+            "eval: give exactly one of task (a built-in task name) or data (a file of prompt/answer rows)"
+        )
     if cfg.task:
         task = get_task(cfg.task)
         return task.rows("test"), task.score, f"task:{cfg.task}:test"
@@ -74,8 +76,15 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: Any) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     prompts = [render_prompt(r, tokenizer) for r in rows]
     samples = generate_texts(
-        model, tokenizer, prompts, n=cfg.n, do_sample=cfg.strategy == "sample", temperature=cfg.temperature,
-        top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+        model,
+        tokenizer,
+        prompts,
+        n=cfg.n,
+        do_sample=cfg.strategy == "sample",
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
     )
     new_tokens = generate_texts.last_new_tokens  # type: ignore[attr-defined]
     strict = [[score(s, r["answer"])[0] for s in group] for group, r in zip(samples, rows)]
@@ -109,8 +118,9 @@ def perplexity(model: Any, tokenizer: Any, source: str, *, max_length: int = 512
     from posttrain.train.data_prep import prepare_examples
     from posttrain.train.forward import mean_nll
 
-    data = prepare_examples(source, tokenizer, kind="text", max_length=max_length, length_policy="truncate",
-                            completion_only=False)
+    data = prepare_examples(
+        source, tokenizer, kind="text", max_length=max_length, length_policy="truncate", completion_only=False
+    )
     nll = mean_nll(model, data.examples)["loss"]
     return math.exp(min(nll, 50.0))
 

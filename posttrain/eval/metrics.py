@@ -1,7 +1,7 @@
 """Evaluation metrics as pure functions.
 
-    >>> pass_at_k(n=4, c=1, k=2)   # 1 - C(3,2)/C(4,2) = 1 - 3/6
-    0.5
+>>> pass_at_k(n=4, c=1, k=2)   # 1 - C(3,2)/C(4,2) = 1 - 3/6
+0.5
 """
 
 from __future__ import annotations

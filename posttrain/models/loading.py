@@ -99,9 +99,7 @@ def load_model(spec: str, *, dtype: str = "float32", trust_remote_code: bool = F
         model = PeftModel.from_pretrained(base, path)
         tokenizer_dir = path if (Path(path) / "tokenizer_config.json").is_file() else resolve(base_spec)
         return model, load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
-    model = _from_pretrained(
-        AutoModelForCausalLM, path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
-    )
+    model = _from_pretrained(AutoModelForCausalLM, path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     return model, load_tokenizer(path, trust_remote_code=trust_remote_code)
 
 

@@ -11,13 +11,12 @@ head, which covers Llama, Qwen2 and GPT-2 alike; a list of module names override
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
-def add_lora(
-    model: Any, *, rank: int, alpha: float = 16.0, dropout: float = 0.0, targets: Sequence[str] = ()
-) -> Any:
+def add_lora(model: Any, *, rank: int, alpha: float = 16.0, dropout: float = 0.0, targets: Sequence[str] = ()) -> Any:
     """Wrap ``model`` in a ``peft`` LoRA model; only adapter weights stay trainable."""
     from peft import LoraConfig, TaskType, get_peft_model
 

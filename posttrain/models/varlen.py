@@ -20,8 +20,9 @@ boundaries (for example during generation) it is plain causal SDPA.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,12 @@ def varlen_attention(
     p = dropout if module.training else 0.0
     parts = [
         F.scaled_dot_product_attention(
-            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scaling, dropout_p=p,
+            query[:, :, s:e],
+            key[:, :, s:e],
+            value[:, :, s:e],
+            is_causal=True,
+            scale=scaling,
+            dropout_p=p,
             enable_gqa=gqa,
         )
         for s, e in zip(bounds[:-1], bounds[1:])

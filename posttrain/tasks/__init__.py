@@ -1,10 +1,10 @@
 """Built-in generated tasks with fixed splits and verifiers.
 
-    >>> from posttrain.tasks import get_task, TASKS
-    >>> sorted(TASKS)
-    ['arithmetic', 'uppercase']
-    >>> get_task("arithmetic").score("4+8+0=12 -> 12\\nAnswer: 12", "12")
-    (True, True)
+>>> from posttrain.tasks import get_task, TASKS
+>>> sorted(TASKS)
+['arithmetic', 'uppercase']
+>>> get_task("arithmetic").score("4+8+0=12 -> 12\\nAnswer: 12", "12")
+(True, True)
 """
 
 from __future__ import annotations

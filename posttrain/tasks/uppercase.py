@@ -1,7 +1,7 @@
 """Uppercasing: the retention task of the embedded default (a skill unrelated to arithmetic).
 
-    Q: Write in capitals: plomk
-    A: PLOMK
+Q: Write in capitals: plomk
+A: PLOMK
 """
 
 from __future__ import annotations

@@ -21,13 +21,26 @@ class PreparedData:
     dropped: int
 
     def summary(self) -> dict[str, int]:
-        return {"rows": self.rows, "examples": len(self.examples), "skipped_bad_rows": self.skipped_rows,
-                "truncated": self.truncated, "dropped_too_long": self.dropped}
+        return {
+            "rows": self.rows,
+            "examples": len(self.examples),
+            "skipped_bad_rows": self.skipped_rows,
+            "truncated": self.truncated,
+            "dropped_too_long": self.dropped,
+        }
 
 
 def prepare_examples(
-    source: Any, tokenizer: Any, *, kind: str, max_length: int, length_policy: str, completion_only: bool,
-    skip_bad_rows: bool = False, run_dir: Path | None = None, label: str = "data",
+    source: Any,
+    tokenizer: Any,
+    *,
+    kind: str,
+    max_length: int,
+    length_policy: str,
+    completion_only: bool,
+    skip_bad_rows: bool = False,
+    run_dir: Path | None = None,
+    label: str = "data",
 ) -> PreparedData:
     """Load, validate, tokenise and length-check rows. Bad rows raise ``DataError`` (file, line, field) unless
     ``skip_bad_rows``, in which case their count and reasons go to ``run_dir/bad_rows.json``."""
@@ -50,7 +63,9 @@ def prepare_examples(
             examples.append(kept)
     if not examples:
         raise DataError(
-            name, None, None,
+            name,
+            None,
+            None,
             f"no usable rows: {stats.dropped} of {len(checked.rows)} dropped by length_policy={length_policy!r}"
             f" at max_length={max_length} ({', '.join(sorted(set(stats.reasons)))})",
         )

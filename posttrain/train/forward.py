@@ -6,7 +6,8 @@ Legend: S tokens of the packed row.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,5 +49,9 @@ def mean_nll(model: Any, examples: Sequence[Example], *, batch_size: int = 64) -
         correct += int(right.sum())
     model.train(was_training)
     nll = total / max(count, 1)
-    return {"loss": nll, "perplexity": math.exp(min(nll, 50.0)), "token_accuracy": correct / max(count, 1),
-            "tokens": count}
+    return {
+        "loss": nll,
+        "perplexity": math.exp(min(nll, 50.0)),
+        "token_accuracy": correct / max(count, 1),
+        "tokens": count,
+    }

@@ -12,9 +12,10 @@ import math
 import random
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -64,7 +65,8 @@ def check_loop_config(cfg: Any) -> None:
         raise ConfigError(f"max_steps: must be at least 1, got {cfg.max_steps}")
     if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
         raise ConfigError(
-            f"batch_size: {cfg.batch_size} sequences cannot be split into grad_accum={cfg.grad_accum} equal micro-batches"
+            f"batch_size: {cfg.batch_size} sequences cannot be split into"
+            f" grad_accum={cfg.grad_accum} equal micro-batches"
         )
     if not math.isfinite(cfg.lr) or cfg.lr <= 0:
         raise ConfigError(f"lr: must be a positive number, got {cfg.lr}")
@@ -152,8 +154,15 @@ def train(
         bar.update(1)
 
         if not finite:
-            log.write({"step": step, "loss": loss_value, "grad_norm": float(grad_norm), "skipped": True,
-                       "skipped_steps": state["skipped_steps"]})
+            log.write(
+                {
+                    "step": step,
+                    "loss": loss_value,
+                    "grad_norm": float(grad_norm),
+                    "skipped": True,
+                    "skipped_steps": state["skipped_steps"],
+                }
+            )
             if state["bad_in_row"] >= cfg.max_bad_steps:
                 bar.close()
                 last = latest_checkpoint(run_dir)
@@ -163,9 +172,16 @@ def train(
                 )
         elif step % cfg.log_every == 0 or step == cfg.max_steps:
             now = time.perf_counter()
-            record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                      "token_accuracy": correct / n_targets, "tokens_per_s": window_tokens / max(now - window_time, 1e-9),
-                      "tokens": state["tokens"], "skipped_steps": state["skipped_steps"]}
+            record = {
+                "step": step,
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "token_accuracy": correct / n_targets,
+                "tokens_per_s": window_tokens / max(now - window_time, 1e-9),
+                "tokens": state["tokens"],
+                "skipped_steps": state["skipped_steps"],
+            }
             log.write(record)
             bar.set_postfix(loss=f"{loss_value:.4f}")
             window_time, window_tokens = now, 0
@@ -185,6 +201,12 @@ def train(
         log.write({"step": state["step"], **{f"eval_{k}": v for k, v in final_eval.items()}})
     tokens = state["tokens"] - start_tokens
     return LoopResult(
-        steps=state["step"], skipped_steps=state["skipped_steps"], wall_s=wall, tokens=state["tokens"],
-        tokens_per_s=tokens / max(wall, 1e-9), final_loss=last_loss, eval=final_eval, resumed_from=resumed_from,
+        steps=state["step"],
+        skipped_steps=state["skipped_steps"],
+        wall_s=wall,
+        tokens=state["tokens"],
+        tokens_per_s=tokens / max(wall, 1e-9),
+        final_loss=last_loss,
+        eval=final_eval,
+        resumed_from=resumed_from,
     )

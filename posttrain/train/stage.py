@@ -1,13 +1,13 @@
 """The ``pretrain`` and ``sft`` stages: config in, run directory out (DESIGN.md, "Run directory").
 
-    >>> import tempfile
-    >>> from posttrain.config import build_config, SFTConfig
-    >>> out = tempfile.mkdtemp()
-    >>> cfg = build_config(SFTConfig, {"out": out, "max_steps": 2, "batch_size": 2, "progress": False,
-    ...                                "lr": 1e-3}, path="sft")
-    >>> summary = run_sft(cfg)
-    >>> summary["steps"], sorted(p.name for p in Path(out).iterdir())
-    (2, ['checkpoints', 'config.yaml', 'final', 'metrics.jsonl', 'summary.json'])
+>>> import tempfile
+>>> from posttrain.config import build_config, SFTConfig
+>>> out = tempfile.mkdtemp()
+>>> cfg = build_config(SFTConfig, {"out": out, "max_steps": 2, "batch_size": 2, "progress": False,
+...                                "lr": 1e-3}, path="sft")
+>>> summary = run_sft(cfg)
+>>> summary["steps"], sorted(p.name for p in Path(out).iterdir())
+(2, ['checkpoints', 'config.yaml', 'final', 'metrics.jsonl', 'summary.json'])
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def _model_for_training(cfg: Any, stage: str) -> tuple[Any, Any]:
         from posttrain.models.tiny import build_model, build_tokenizer
 
         tokenizer = build_tokenizer()
-        model = build_model(tokenizer, size=FRESH_MODELS[cfg.model], seed=cfg.seed, max_positions=max(512, cfg.max_length))
+        model = build_model(
+            tokenizer, size=FRESH_MODELS[cfg.model], seed=cfg.seed, max_positions=max(512, cfg.max_length)
+        )
     else:
         model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
         if hasattr(model, "merge_and_unload"):  # an adapter dir: train on base + adapter merged
@@ -61,8 +63,9 @@ def _model_for_training(cfg: Any, stage: str) -> tuple[Any, Any]:
     if cfg.lora_rank < 0:
         raise ConfigError(f"{stage}.lora_rank: must be >= 0, got {cfg.lora_rank}")
     if cfg.lora_rank:
-        model = add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                         targets=cfg.lora_targets)
+        model = add_lora(
+            model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets
+        )
     return model, tokenizer
 
 
@@ -79,13 +82,19 @@ def run_lm_stage(cfg: Any, *, stage: str) -> dict[str, Any]:
     started = time.perf_counter()
     model, tokenizer = _model_for_training(cfg, stage)
     kind = "text" if stage == "pretrain" else "sft"
-    common = dict(max_length=cfg.max_length, length_policy=cfg.length_policy,
-                  completion_only=cfg.completion_only_loss, skip_bad_rows=cfg.skip_bad_rows, run_dir=run_dir)
+    common = dict(
+        max_length=cfg.max_length,
+        length_policy=cfg.length_policy,
+        completion_only=cfg.completion_only_loss,
+        skip_bad_rows=cfg.skip_bad_rows,
+        run_dir=run_dir,
+    )
     data = prepare_examples(cfg.data, tokenizer, kind=kind, **common)
     eval_source = cfg.eval_data or default_eval_data(cfg.data)
     eval_data = prepare_examples(eval_source, tokenizer, kind=kind, label="eval", **common) if eval_source else None
-    result = train(model, data.examples, cfg, run_dir, eval_examples=eval_data.examples if eval_data else (),
-                   stage=stage)
+    result = train(
+        model, data.examples, cfg, run_dir, eval_examples=eval_data.examples if eval_data else (), stage=stage
+    )
     save_model_dir(model, tokenizer, run_dir / "final")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     summary = {

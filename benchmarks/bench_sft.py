@@ -1,0 +1,627 @@
+"""SFT training speed: posttrain's loop vs TRL's ``SFTTrainer`` on the same model, rows, batch and lengths.
+
+    python benchmarks/bench_sft.py                       # small model, 3 warm-up + 12 timed steps, 3 repeats
+    python benchmarks/bench_sft.py --model tiny --steps 5 --repeats 1 --no-write    # a quick check
+    python benchmarks/bench_sft.py --profile             # also: where our step time goes (phases + top ops)
+
+Every configuration (ours full, TRL full, ours LoRA, optionally TRL LoRA) and every repeat runs in a fresh
+subprocess, so peak RSS is that configuration's own; the repeats are interleaved (and the order rotated) so
+both sides share the machine's background noise. The fp32 matmul peak (the MFU denominator) is measured in the
+same rounds, also in its own subprocess.
+
+What is timed: the wall time from the end of one optimiser step to the end of the next, i.e. batch sampling and
+collation, forward, loss, backward, clipping, optimiser and scheduler step and per-step logging. The first
+``--warmup`` steps, tokenisation, model build, trainer construction and our end-of-run checkpoint are not timed.
+Tokens are processed (non-padding) tokens: ours packs sequences without padding; TRL (default collator) pads each
+batch to its longest sequence, and its padding is computed but not counted.
+
+Results are printed as a table and appended to BENCHMARKS.md (``--no-write`` to skip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.machine import LoadMeter, machine_info, matmul_peak_flops, peak_rss_mib, rss_mib  # noqa: E402
+
+RESULT_TAG = "BENCH_RESULT "
+FINGERPRINT_ROWS = 64
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Workers: each runs in its own process and prints one JSON result line.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _setup(spec: dict[str, Any]) -> tuple[Any, Any, list[dict], dict[str, int]]:
+    """Tokenizer, model (LoRA-wrapped if asked), rows and parameter counts; identical for both sides."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from posttrain.models.tiny import build_model, build_tokenizer
+    from posttrain.tasks import get_task
+
+    tok = build_tokenizer()
+    model = build_model(tok, size=spec["model"], seed=0)
+    counts = {"params": sum(p.numel() for p in model.parameters()), "adapter_params": 0}  # tied weights once
+    if spec["lora"]:
+        from posttrain.models.lora import add_lora
+
+        model = add_lora(model, rank=spec["lora"])
+        counts["adapter_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rows = get_task("arithmetic").rows("train", spec["rows"])
+    return tok, model, rows, counts
+
+
+def _fingerprint(seqs: list[tuple[list[int], list[bool]]]) -> str:
+    """Hash of (token ids, trained-token mask) of the first rows, to check both sides train on the same tokens."""
+    return hashlib.sha256(json.dumps(seqs[:FINGERPRINT_ROWS]).encode()).hexdigest()[:16]
+
+
+def _timed_steps(step_times: list[float], step_tokens: list[int], warmup: int) -> dict[str, Any]:
+    times, tokens = step_times[warmup:], step_tokens[warmup:]
+    if not times:
+        raise SystemExit(f"no timed steps: {len(step_times)} steps ran, {warmup} are warm-up")
+    return {
+        "step_s": statistics.median(times),
+        "tokens_per_step": statistics.mean(tokens),
+        "tokens_per_s": sum(tokens) / sum(times),
+        "timed_steps": len(times),
+        "all_step_s": [round(t, 4) for t in step_times],
+    }
+
+
+def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    import posttrain.train.loop as loop
+    from posttrain.config import SFTConfig, build_config
+    from posttrain.train.data_prep import prepare_examples
+    from posttrain.train.metrics import MetricsLog
+
+    tok, model, rows, counts = _setup(spec)
+    t0 = time.perf_counter()
+    data = prepare_examples(
+        rows, tok, kind="sft", max_length=spec["max_length"], length_policy="truncate", completion_only=True
+    )
+    prep_s = time.perf_counter() - t0
+    seqs = [(e.input_ids, e.loss_mask) for e in data.examples]
+
+    # Record the peak RSS reached by the training steps, before the end-of-run checkpoint serialises weights.
+    at_save: dict[str, float] = {}
+    real_save = loop.save_checkpoint
+
+    def save_spy(*args: Any, **kwargs: Any) -> Any:
+        at_save.setdefault("peak_rss_mib", peak_rss_mib())
+        return real_save(*args, **kwargs)
+
+    loop.save_checkpoint = save_spy
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = build_config(
+            SFTConfig,
+            {
+                "out": tmp,
+                "max_steps": spec["warmup"] + spec["steps"],
+                "batch_size": spec["batch_size"],
+                "lr": spec["lr"],
+                "log_every": 1,
+                "progress": False,
+                "save_every": 0,
+                "threads": spec["threads"],
+                "seed": 0,
+                "max_length": spec["max_length"],
+            },
+            path="sft",
+        )
+        rss0, meter = rss_mib(), LoadMeter().start()
+        loop.train(model, data.examples, cfg, Path(tmp))
+        load = meter.stop()
+        records = [r for r in MetricsLog(Path(tmp) / "metrics.jsonl").read() if "tokens_per_s" in r]
+    # Each record covers one step (log_every=1): its window's tokens divided by its window's tokens/s.
+    step_tokens, step_times, prev = [], [], 0
+    for r in records:
+        step_tokens.append(r["tokens"] - prev)
+        step_times.append((r["tokens"] - prev) / r["tokens_per_s"])
+        prev = r["tokens"]
+    return {
+        **_timed_steps(step_times, step_tokens, spec["warmup"]),
+        **counts,
+        **load,
+        "rss_before_train_mib": rss0,
+        "peak_rss_mib": at_save.get("peak_rss_mib", peak_rss_mib()),
+        "peak_rss_incl_checkpoint_mib": peak_rss_mib(),
+        "prep_s": prep_s,
+        "threads_used": torch.get_num_threads(),
+        "fingerprint": _fingerprint(seqs),
+        "final_loss": records[-1]["loss"],
+    }
+
+
+def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
+    import datasets
+    import torch
+    from transformers import TrainerCallback
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    datasets.disable_progress_bars()
+    tok, model, rows, counts = _setup(spec)
+    train_rows = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TRLSFTConfig(
+            output_dir=tmp,
+            max_steps=spec["warmup"] + spec["steps"],
+            per_device_train_batch_size=spec["batch_size"],
+            gradient_accumulation_steps=1,
+            learning_rate=spec["lr"],
+            lr_scheduler_type="cosine",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            max_length=spec["max_length"],
+            completion_only_loss=True,
+            packing=False,
+            padding_free=False,
+            bf16=False,
+            fp16=False,
+            gradient_checkpointing=False,
+            logging_steps=1,
+            save_strategy="no",
+            eval_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            seed=0,
+            dataloader_num_workers=0,
+            use_cpu=True,
+        )
+        t0 = time.perf_counter()
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_rows, processing_class=tok)
+        prep_s = time.perf_counter() - t0
+        prepared = trainer.train_dataset[:FINGERPRINT_ROWS]
+        seqs = [(ids, [x != -100 for x in labels]) for ids, labels in zip(prepared["input_ids"], prepared["labels"])]
+
+        batch_tokens: list[tuple[int, int]] = []  # (non-padding, padded) per collated batch, in order
+        collate = trainer.data_collator
+
+        def counting_collator(examples: list[dict[str, Any]]) -> dict[str, Any]:
+            batch = collate(examples)
+            ids = batch["input_ids"]
+            real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else ids.numel()
+            batch_tokens.append((real, ids.numel()))
+            return batch
+
+        trainer.data_collator = counting_collator
+        ends: list[float] = []
+
+        class StepClock(TrainerCallback):
+            def on_train_begin(self, *a: Any, **k: Any) -> None:
+                ends.append(time.perf_counter())
+
+            def on_step_end(self, *a: Any, **k: Any) -> None:
+                ends.append(time.perf_counter())
+
+        trainer.add_callback(StepClock())
+        rss0, meter = rss_mib(), LoadMeter().start()
+        trainer.train()
+        load = meter.stop()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    step_times = [b - a for a, b in zip(ends[:-1], ends[1:])]
+    n = len(step_times)
+    step_tokens = [real for real, _ in batch_tokens[:n]]
+    padded = sum(p for _, p in batch_tokens[:n])
+    return {
+        **_timed_steps(step_times, step_tokens, spec["warmup"]),
+        **counts,
+        **load,
+        "rss_before_train_mib": rss0,
+        "peak_rss_mib": peak_rss_mib(),
+        "prep_s": prep_s,
+        "threads_used": torch.get_num_threads(),
+        "fingerprint": _fingerprint(seqs),
+        "padding_fraction": 1 - sum(step_tokens) / max(padded, 1),
+        "final_loss": losses[-1] if losses else None,
+        "optim": str(args.optim),
+        "attn_implementation": model.config._attn_implementation,
+    }
+
+
+def run_matmul(spec: dict[str, Any]) -> dict[str, Any]:
+    meter = LoadMeter().start()
+    flops = matmul_peak_flops(threads=spec["threads"], size=spec["matmul_size"], repeats=spec["matmul_repeats"])
+    return {"peak_flops": flops, **meter.stop()}
+
+
+WORKERS = {"ours": run_ours, "trl": run_trl, "matmul": run_matmul}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Profile mode (diagnostic, never part of the timed runs): where our step time goes.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_ours_profile(spec: dict[str, Any]) -> dict[str, Any]:
+    """Phase split of our step (pack / forward+loss / backward / clip / optimiser / rest) from timers wrapped
+    around the loop's own calls, then the top ops of a few steps under ``torch.profiler``."""
+    import torch
+
+    import posttrain.train.loop as loop
+
+    step = [0]
+    phases: dict[str, float] = {}
+
+    def timed(name: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if step[0] >= spec["warmup"]:
+                    phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
+
+        return wrapper
+
+    saved = (loop.pack, loop.train, torch.Tensor.backward, torch.nn.utils.clip_grad_norm_, torch.optim.AdamW.step)
+    loop.pack = timed("pack", loop.pack)
+    torch.Tensor.backward = timed("backward", torch.Tensor.backward)
+    torch.nn.utils.clip_grad_norm_ = timed("clip_grad_norm", torch.nn.utils.clip_grad_norm_)
+    real_step = torch.optim.AdamW.step
+
+    def counted_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return timed("optimizer", real_step)(self, *args, **kwargs)
+        finally:
+            step[0] += 1
+
+    torch.optim.AdamW.step = counted_step
+    # train() takes its loss function as an argument; its default is packed_token_losses.
+    loop.train = lambda *a, **k: saved[1](*a, **k, loss_fn=timed("forward+loss", loop.packed_token_losses))
+    try:
+        result = run_ours(spec)
+    finally:
+        loop.pack, loop.train, torch.Tensor.backward, torch.nn.utils.clip_grad_norm_, torch.optim.AdamW.step = saved
+    timed_total = sum(result["all_step_s"][spec["warmup"] :])
+    split = {k: v / timed_total for k, v in phases.items()}
+    split["rest (sampling, metrics, scheduler, zero_grad)"] = max(1 - sum(split.values()), 0.0)
+    result.update(phase_share=split, top_ops=_top_ops(spec))
+    return result
+
+
+def _top_ops(spec: dict[str, Any]) -> str:
+    """``torch.profiler`` table (self CPU time) over 3 steps of ours after 2 unprofiled ones."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    import posttrain.train.loop as loop
+    from posttrain.config import SFTConfig, build_config
+    from posttrain.train.data_prep import prepare_examples
+
+    tok, model, rows, _ = _setup(spec)
+    data = prepare_examples(
+        rows, tok, kind="sft", max_length=spec["max_length"], length_policy="truncate", completion_only=True
+    )
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=0, warmup=2, active=3)) as prof,
+    ):
+        handle = torch.optim.optimizer.register_optimizer_step_post_hook(lambda *a: prof.step())
+        cfg = build_config(
+            SFTConfig,
+            {
+                "out": tmp,
+                "max_steps": 5,
+                "batch_size": spec["batch_size"],
+                "lr": spec["lr"],
+                "log_every": 1,
+                "progress": False,
+                "threads": spec["threads"],
+                "max_length": spec["max_length"],
+            },
+            path="sft",
+        )
+        try:
+            loop.train(model, data.examples, cfg, Path(tmp))
+        finally:
+            handle.remove()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60)
+
+
+WORKERS["ours_profile"] = run_ours_profile
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Driver: run the workers interleaved, aggregate, print, append to BENCHMARKS.md.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    threads = str(spec["threads"])
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=threads,
+        MKL_NUM_THREADS=threads,
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        PYTHONWARNINGS="ignore",
+    )
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=REPO,
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG) and proc.returncode == 0:
+            return json.loads(line[len(RESULT_TAG) :])
+    raise SystemExit(f"benchmark worker {spec['side']} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def flops_per_token(r: dict[str, Any]) -> float:
+    """6N for full fine-tuning; 4N + 6N_adapter for LoRA (no weight gradients for the frozen base)."""
+    return 4 * r["params"] + 6 * r["adapter_params"] if r["adapter_params"] else 6 * r["params"]
+
+
+def summarise(runs: list[dict[str, Any]], peak: float) -> dict[str, Any]:
+    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    others = [r["other_cores"] for r in runs if r["other_cores"] is not None]
+    tps = med("tokens_per_s")
+    return {
+        "step_s": med("step_s"),
+        "step_s_range": (min(r["step_s"] for r in runs), max(r["step_s"] for r in runs)),
+        "tokens_per_step": statistics.mean(r["tokens_per_step"] for r in runs),
+        "tokens_per_s": tps,
+        "mfu": flops_per_token(runs[0]) * tps / peak,
+        "peak_rss_mib": med("peak_rss_mib"),
+        "rss_before_train_mib": med("rss_before_train_mib"),
+        "other_cores": statistics.median(others) if others else None,
+        "other_cores_max": max(others) if others else None,
+        "params": runs[0]["params"],
+        "adapter_params": runs[0]["adapter_params"],
+        "prep_s": med("prep_s"),
+        "runs": runs,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", choices=["small", "tiny"], default="small", help="standard benchmark model size")
+    p.add_argument("--steps", type=int, default=12, help="timed optimiser steps per run (after warm-up)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per run")
+    p.add_argument("--repeats", type=int, default=3, help="runs per configuration (interleaved)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (both sides and the matmul peak)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per optimiser step")
+    p.add_argument("--max-length", type=int, default=128, help="max tokens per sequence (longer rows truncated)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (cosine decay, no warm-up)")
+    p.add_argument("--rows", type=int, default=512, help="arithmetic train rows to sample batches from")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank of the LoRA-vs-full comparison; 0 = skip")
+    p.add_argument("--trl-lora", action="store_true", help="also time TRL with the same LoRA adapter")
+    p.add_argument("--skip-trl", action="store_true", help="time ours only (no TRL installed)")
+    p.add_argument("--profile", action="store_true", help="also profile our step (phases and top ops)")
+    p.add_argument("--matmul-size", type=int, default=2048, help="GEMM size of the fp32 peak measurement")
+    p.add_argument("--timeout", type=float, default=900, help="seconds before a worker is killed")
+    p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="markdown file to append to")
+    p.add_argument("--no-write", action="store_true", help="print only; do not append to --out")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _fmt_mib(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def results_table(summary: dict[str, dict[str, Any]]) -> list[str]:
+    lines = [
+        "| configuration | step time, median s (min-max of runs) | tokens/step | tokens/s | MFU | peak RSS MiB"
+        " (before training) | other processes, cores |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        lo, hi = s["step_s_range"]
+        others = "n/a" if s["other_cores"] is None else f"{s['other_cores']:.2f} (max {s['other_cores_max']:.2f})"
+        lines.append(
+            f"| {name} | {s['step_s']:.3f} ({lo:.3f}-{hi:.3f}) | {s['tokens_per_step']:.0f} | {s['tokens_per_s']:,.0f}"
+            f" | {100 * s['mfu']:.1f}% | {_fmt_mib(s['peak_rss_mib'])} ({_fmt_mib(s['rss_before_train_mib'])}) |"
+            f" {others} |"
+        )
+    return lines
+
+
+def verdict_lines(summary: dict[str, dict[str, Any]], lora_name: str | None) -> list[str]:
+    ours = summary["ours full"]
+    out = []
+    if "TRL full" in summary:
+        trl = summary["TRL full"]
+        speed, step = ours["tokens_per_s"] / trl["tokens_per_s"], trl["step_s"] / ours["step_s"]
+        out.append(f"- Speed ratio ours/TRL: **{speed:.2f}x** in processed tokens/s ({step:.2f}x in median step time).")
+        out.append(f"- Target ours >= 4x TRL: **{'met' if speed >= 4 else 'NOT met'}** ({speed:.2f}x).")
+    out.append(
+        f"- Target MFU >= 50% (ours, full fine-tune): **{'met' if ours['mfu'] >= 0.5 else 'NOT met'}**"
+        f" ({100 * ours['mfu']:.1f}%)."
+    )
+    if lora_name:
+        lora = summary[lora_name]
+        out.append(
+            f"- {lora_name} vs ours full: {lora['tokens_per_s'] / ours['tokens_per_s']:.2f}x the tokens/s;"
+            f" peak RSS {_fmt_mib(lora['peak_rss_mib'])} vs {_fmt_mib(ours['peak_rss_mib'])} MiB"
+            f" ({lora['adapter_params']:,} trainable adapter parameters)."
+        )
+    return out
+
+
+def markdown_section(
+    args: argparse.Namespace,
+    info: dict[str, str],
+    peak: dict[str, Any],
+    summary: dict[str, dict[str, Any]],
+    extra: dict[str, Any],
+    command: str,
+) -> str:
+    ours = summary["ours full"]
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lora_name = next((k for k in summary if k.startswith("ours LoRA")), None)
+    lines = [
+        f"## SFT: posttrain vs TRL SFTTrainer — {stamp}",
+        "",
+        f"- Machine: {info['cpu']} ({info['isa']}), {info['cores']} cores; {info['threads']} torch threads"
+        f" (OMP_NUM_THREADS={info['threads']}). Python {info['python']}, torch {info['torch']},"
+        f" transformers {info['transformers']}, trl {info['trl']}, peft {info['peft']}.",
+        f"- Model: `{args.model}` random-init LlamaForCausalLM, fp32, {ours['params']:,} parameters (tied embeddings"
+        f" counted once){'; attention ' + extra['attn'] + ' (TRL side)' if extra.get('attn') else ''}.",
+        f"- Data: {args.rows} rows of the built-in `arithmetic` task (conversational prompt/completion), loss on"
+        f" completion tokens only, max length {args.max_length} (truncate), batch {args.batch_size} sequences,"
+        f" AdamW lr {args.lr:g} cosine, no warm-up, clip 1.0, no eval, no checkpoints in the timed steps."
+        f" Same tokens on both sides (ids + loss mask of the first {FINGERPRINT_ROWS} rows): {extra['same_tokens']}.",
+        f"- TRL {info['trl']}: `SFTConfig(bf16=False, gradient_checkpointing=False, packing=False, padding_free=False,"
+        f" completion_only_loss=True, logging_steps=1, save_strategy='no', use_cpu=True)`; its default collator pads"
+        f" each batch to its longest row (padding computed but not counted: {extra['trl_padding']}); optimizer"
+        f" `{extra.get('trl_optim', 'n/a')}`. Ours: packed, padding-free, per-sequence attention, AdamW foreach.",
+        f"- Timed: {args.warmup} warm-up steps excluded, then {args.steps} steps per run, {args.repeats} runs per"
+        " configuration, each run a fresh subprocess, interleaved with rotated order. Step time = end of one optimiser"
+        " step to the end of the next (sampling, collation, forward, loss, backward, clip, optimiser, scheduler,"
+        " per-step logging); tokenisation, model build, trainer construction and our end-of-run checkpoint are"
+        " excluded. Tokens = processed (non-padding) tokens. Medians over runs.",
+        f"- fp32 matmul peak ({args.matmul_size}x{args.matmul_size} GEMM, {info['threads']} threads, median of"
+        f" {len(peak['runs'])} measurements in the same rounds): **{peak['flops'] / 1e9:.1f} GFLOP/s**"
+        f" (min {min(peak['runs']) / 1e9:.1f}, max {max(peak['runs']) / 1e9:.1f}).",
+        f"- MFU = 6·N·tokens/s (LoRA: 4·N + 6·N_adapter) / that peak. Background load: {extra['load']}.",
+        "",
+        *results_table(summary),
+        "",
+        *verdict_lines(summary, lora_name),
+        f"- Setup (not timed), median: ours tokenisation {ours['prep_s']:.2f} s"
+        + (
+            f"; TRL trainer construction incl. tokenisation {summary['TRL full']['prep_s']:.2f} s."
+            if "TRL full" in summary
+            else "."
+        ),
+    ]
+    if extra.get("profile"):
+        shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in extra["profile"].items())
+        lines.append(f"- Where our full fine-tune step goes (`--profile`, one extra run): {shares}.")
+    lines += ["", f"Command: `{command}`", "", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        spec = json.loads(args.worker)
+        print(RESULT_TAG + json.dumps(WORKERS[spec["side"]](spec)), flush=True)
+        return
+    base = {
+        "model": args.model,
+        "threads": args.threads,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "lr": args.lr,
+        "rows": args.rows,
+        "lora": 0,
+        "matmul_size": args.matmul_size,
+        "matmul_repeats": 10,
+    }
+    configs = {"ours full": {**base, "side": "ours"}}
+    if not args.skip_trl:
+        configs["TRL full"] = {**base, "side": "trl"}
+    if args.lora_rank:
+        configs[f"ours LoRA r{args.lora_rank}"] = {**base, "side": "ours", "lora": args.lora_rank}
+        if args.trl_lora and not args.skip_trl:
+            configs[f"TRL LoRA r{args.lora_rank}"] = {**base, "side": "trl", "lora": args.lora_rank}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+    peaks: list[dict[str, Any]] = []
+    names, t_start = list(configs), time.perf_counter()
+    for rep in range(args.repeats):
+        peaks.append(run_worker({**base, "side": "matmul"}, args.timeout))
+        print(
+            f"[round {rep + 1}/{args.repeats}] fp32 matmul peak {peaks[-1]['peak_flops'] / 1e9:.1f} GFLOP/s"
+            f" (other processes {peaks[-1]['other_cores'] or 0:.2f} cores)",
+            flush=True,
+        )
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            r = run_worker(configs[name], args.timeout)
+            runs[name].append(r)
+            print(
+                f"[round {rep + 1}/{args.repeats}] {name}: median step {r['step_s']:.3f} s,"
+                f" {r['tokens_per_s']:,.0f} tokens/s, peak RSS {r['peak_rss_mib']:,.0f} MiB,"
+                f" other processes {r['other_cores'] or 0:.2f} cores, final loss {r['final_loss']:.3f}",
+                flush=True,
+            )
+    peak_flops = statistics.median(p["peak_flops"] for p in peaks)
+    summary = {name: summarise(rs, peak_flops) for name, rs in runs.items()}
+
+    extra: dict[str, Any] = {}
+    trl_runs = runs.get("TRL full", [])
+    if trl_runs:
+        extra.update(
+            same_tokens="yes" if trl_runs[0]["fingerprint"] == runs["ours full"][0]["fingerprint"] else "NO",
+            trl_padding=f"{100 * statistics.median(r['padding_fraction'] for r in trl_runs):.0f}% of its batch tokens",
+            trl_optim=trl_runs[0]["optim"],
+            attn=trl_runs[0]["attn_implementation"],
+        )
+    else:
+        extra.update(same_tokens="n/a (TRL skipped)", trl_padding="n/a")
+    others = [r["other_cores"] for rs in runs.values() for r in rs if r["other_cores"] is not None]
+    extra["load"] = (
+        "unknown (no /proc/stat)"
+        if not others
+        else f"other processes used median {statistics.median(others):.2f}, max {max(others):.2f} of"
+        f" {os.cpu_count()} cores during the training runs"
+        + (
+            " — the machine was busy, so absolute numbers are pessimistic"
+            if max(others) > 0.25
+            else " (machine otherwise idle)"
+        )
+    )
+    if args.profile:
+        prof = run_worker({**base, "side": "ours_profile"}, args.timeout)
+        extra["profile"] = prof["phase_share"]
+        print("\nWhere our step time goes (full fine-tune, timed steps):")
+        for k, v in prof["phase_share"].items():
+            print(f"  {k:50s} {100 * v:5.1f}%")
+        print("\nTop ops (torch.profiler, 3 steps):\n" + prof["top_ops"])
+
+    info = machine_info(args.threads)
+    command = "OMP_NUM_THREADS={} python benchmarks/bench_sft.py {}".format(
+        args.threads, " ".join(argv if argv is not None else sys.argv[1:])
+    ).strip()
+    section = markdown_section(
+        args, info, {"flops": peak_flops, "runs": [p["peak_flops"] for p in peaks]}, summary, extra, command
+    )
+    print("\n" + section)
+    print(f"(benchmark wall time {time.perf_counter() - t_start:.0f} s)")
+    if not args.no_write:
+        out = Path(args.out)
+        if not out.exists():
+            out.write_text(
+                '# Benchmarks\n\nAppended by the scripts in `benchmarks/`; see DESIGN.md, "Performance'
+                ' methodology". Compare only like with like (same machine, threads and load).\n\n'
+            )
+        with out.open("a") as f:
+            f.write(section)
+        print(f"appended to {out}")
+
+
+if __name__ == "__main__":
+    main()
