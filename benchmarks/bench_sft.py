@@ -303,7 +303,7 @@ def run_ours_profile(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _top_ops(spec: dict[str, Any]) -> str:
     """``torch.profiler`` table (self CPU time) over 3 steps of ours after 2 unprofiled ones."""
-    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
     from torch.profiler import ProfilerActivity, profile, schedule
 
     import posttrain.train.loop as loop
@@ -314,11 +314,17 @@ def _top_ops(spec: dict[str, Any]) -> str:
     data = prepare_examples(
         rows, tok, kind="sft", max_length=spec["max_length"], length_policy="truncate", completion_only=True
     )
+    tables: list[str] = []
+    table_args = {"sort_by": "self_cpu_time_total", "row_limit": 18, "max_name_column_width": 60}
     with (
         tempfile.TemporaryDirectory() as tmp,
-        profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=0, warmup=2, active=3)) as prof,
+        profile(
+            activities=[ProfilerActivity.CPU],
+            schedule=schedule(wait=0, warmup=2, active=3, repeat=1),
+            on_trace_ready=lambda p: tables.append(p.key_averages().table(**table_args)),
+        ) as prof,
     ):
-        handle = torch.optim.optimizer.register_optimizer_step_post_hook(lambda *a: prof.step())
+        handle = register_optimizer_step_post_hook(lambda *a: prof.step())
         cfg = build_config(
             SFTConfig,
             {
@@ -337,7 +343,7 @@ def _top_ops(spec: dict[str, Any]) -> str:
             loop.train(model, data.examples, cfg, Path(tmp))
         finally:
             handle.remove()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60)
+    return tables[0] if tables else "(profiler collected nothing)"
 
 
 WORKERS["ours_profile"] = run_ours_profile

@@ -79,6 +79,7 @@ class LoopArgs:
     resume: bool = opt(False, "continue from the newest complete checkpoint in out (fresh start if none)")
     max_bad_steps: int = opt(5, "stop after this many non-finite steps in a row")
     threads: int = opt(0, "torch CPU threads; 0 = torch's default")
+    device: str = opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available, else cpu)")
     progress: bool = opt(True, "show progress bars")
 
 

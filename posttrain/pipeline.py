@@ -95,8 +95,10 @@ def run_suite(model_spec: str, recipe: dict[str, Any]) -> dict[str, Any]:
     """The recipe's evaluation suite on one model: the first task is the target, the others measure retention."""
     from posttrain.eval.harness import evaluate_model, perplexity
     from posttrain.models.loading import load_model
+    from posttrain.train.stage import resolve_device
 
     model, tokenizer = load_model(model_spec)
+    model.to(resolve_device("auto"))
     out: dict[str, Any] = {"tasks": {}}
     for i, cfg in enumerate(suite_configs(recipe)):
         result = evaluate_model(model, tokenizer, cfg)

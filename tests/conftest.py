@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
 torch.set_num_threads(2)
+# Tests never read or write the user's cache.
+os.environ["POSTTRAIN_CACHE"] = tempfile.mkdtemp(prefix="posttrain-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ Legend: S = total tokens of the packed row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -26,13 +26,25 @@ from posttrain.data.encode import Example
 
 @dataclass
 class PackedBatch:
-    """input_ids, position_ids, targets (1, S) long; target_mask (1, S) bool; seq_ids (1, S) long."""
+    """input_ids, position_ids, targets (1, S) long; target_mask (1, S) bool; seq_ids (1, S) long;
+    bounds = (0, end_1, ..., S), where each packed sequence ends."""
 
     input_ids: Tensor
     position_ids: Tensor
     targets: Tensor
     target_mask: Tensor
     seq_ids: Tensor
+    bounds: tuple[int, ...]
+
+    def to(self, device: torch.device | str) -> PackedBatch:
+        """The same batch on ``device``."""
+        return replace(
+            self,
+            **{
+                k: getattr(self, k).to(device)
+                for k in ("input_ids", "position_ids", "targets", "target_mask", "seq_ids")
+            },
+        )
 
     @property
     def num_target_tokens(self) -> int:
@@ -45,9 +57,10 @@ class PackedBatch:
 
 def pack(examples: list[Example]) -> PackedBatch:
     """Pack examples into one padding-free row (see module docstring)."""
-    ids, pos, tgt, tmask, seq = [], [], [], [], []
+    ids, pos, tgt, tmask, seq, bounds = [], [], [], [], [], [0]
     for i, ex in enumerate(examples):
         n = len(ex.input_ids)
+        bounds.append(bounds[-1] + n)
         ids += ex.input_ids
         pos += range(n)
         tgt += ex.input_ids[1:] + [0]
@@ -59,6 +72,7 @@ def pack(examples: list[Example]) -> PackedBatch:
         targets=torch.tensor([tgt]),
         target_mask=torch.tensor([tmask]),
         seq_ids=torch.tensor([seq]),
+        bounds=tuple(bounds),
     )
 
 

@@ -44,20 +44,8 @@ def load_rows(source: str | Path | Iterable[Row]) -> list[Row]:
     ``datasets.Dataset`` included). A JSONL line that is not JSON is a ``DataError`` naming the line."""
     if not isinstance(source, (str, Path)):
         return [dict(r) for r in source]
+    path = resolve_source(str(source))
     text = str(source)
-    if text.startswith("task:"):
-        from posttrain.tasks import get_task
-
-        name, _, split = text[5:].partition(":")
-        try:
-            return get_task(name).rows(split or "train")
-        except (KeyError, ValueError) as err:
-            raise DataError(text, None, None, str(err).strip('"')) from None
-    if text == "corpus" or text.startswith("corpus:"):
-        from posttrain.tasks.corpus import corpus_rows
-
-        return corpus_rows(text.partition(":")[2] or "train")
-    path = Path(text)
     if not path.is_file():
         raise DataError(text, None, None, "no such file")
     suffix = path.suffix.lower()
@@ -73,6 +61,21 @@ def load_rows(source: str | Path | Iterable[Row]) -> list[Row]:
         with path.open(newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f))
     raise DataError(text, None, None, f"unsupported file type {suffix!r} (use .jsonl, .parquet or .csv)")
+
+
+def resolve_source(text: str) -> Path:
+    """The file behind a data spec: ``task:NAME[:SPLIT]`` and ``corpus[:SPLIT]`` are generated into the cache."""
+    from posttrain import cache
+
+    try:
+        if text.startswith("task:"):
+            name, _, split = text[5:].partition(":")
+            return cache.task_file(name, split or "train")
+        if text == "corpus" or text.startswith("corpus:"):
+            return cache.corpus_file(text.partition(":")[2] or "train")
+    except (KeyError, ValueError) as err:
+        raise DataError(text, None, None, str(err).strip('"')) from None
+    return Path(text)
 
 
 def _read_jsonl(path: Path) -> list[Row]:

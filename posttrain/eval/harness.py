@@ -26,6 +26,7 @@ from posttrain.eval.metrics import ks_up_to, pass_at_k
 from posttrain.models.loading import load_model
 from posttrain.tasks import get_task
 from posttrain.tasks.base import last_integer
+from posttrain.train.stage import resolve_device
 
 _ANSWER_LINE = re.compile(r"(?:^|\n)\s*(?:Answer|answer|ANSWER)\s*[:=]\s*(.+?)\s*$")
 
@@ -130,6 +131,7 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    model.to(resolve_device("auto"))
     result = {"model": cfg.model, **evaluate_model(model, tokenizer, cfg)}
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ class Task(ABC):
 
     name: str
     description: str
+    version: int = 1  # bump whenever generated rows change, so cached files are regenerated
     sizes: dict[str, int] = {"train": 20000, "val": 200, "test": 500}
     # Earlier splits are drawn first and excluded from later ones: test, then val, then train.
     order = ("test", "val", "train")

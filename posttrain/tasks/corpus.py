@@ -15,6 +15,7 @@ from posttrain.tasks.arithmetic import NAMES, THINGS, column_addition
 from posttrain.tasks.uppercase import UppercaseTask
 
 SIZES = {"train": 20000, "val": 200}
+VERSION = 1  # bump whenever generated rows change, so cached files are regenerated
 
 
 def _facts_document(rng: random.Random) -> str:

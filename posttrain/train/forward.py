@@ -18,18 +18,13 @@ from posttrain.losses import sft_loss
 from posttrain.models.varlen import packed_attention
 
 
-def sequence_bounds(batch: PackedBatch) -> tuple[int, ...]:
-    """(0, end_1, ..., S): where each packed sequence ends."""
-    return tuple([0] + torch.cumsum(torch.bincount(batch.seq_ids[0]), 0).tolist())
-
-
 def packed_token_losses(model: Any, batch: PackedBatch) -> tuple[Tensor, Tensor]:
     """Per-token NLL (1, S) (0 where not a target) and argmax-correct (1, S) bool for a packed batch."""
     with packed_attention(model):
         logits = model(
             input_ids=batch.input_ids,
             position_ids=batch.position_ids,
-            posttrain_bounds=sequence_bounds(batch),
+            posttrain_bounds=batch.bounds,
             use_cache=False,
         ).logits
     return sft_loss(logits, batch.targets, batch.target_mask)
@@ -39,10 +34,11 @@ def packed_token_losses(model: Any, batch: PackedBatch) -> tuple[Tensor, Tensor]
 def mean_nll(model: Any, examples: Sequence[Example], *, batch_size: int = 64) -> dict[str, float]:
     """Token-mean negative log-likelihood over ``examples`` and its perplexity (model put in eval mode)."""
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     total, count, correct = 0.0, 0, 0
     for start in range(0, len(examples), batch_size):
-        batch = pack(list(examples[start : start + batch_size]))
+        batch = pack(list(examples[start : start + batch_size])).to(device)
         losses, right = packed_token_losses(model, batch)
         total += float(losses.sum())
         count += batch.num_target_tokens

@@ -94,6 +94,7 @@ def train(
     random.seed(cfg.seed)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device if params else torch.device("cpu")
     optimizer = make_optimizer(model, cfg)
     scheduler = get_scheduler(
         cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
@@ -122,10 +123,10 @@ def train(
     while state["step"] < cfg.max_steps:
         step = state["step"] + 1
         batch_examples = [examples[i] for i in sampler.take(cfg.batch_size)]
-        batches = [pack(batch_examples[i : i + micro]) for i in range(0, cfg.batch_size, micro)]
+        batches = [pack(batch_examples[i : i + micro]).to(device) for i in range(0, cfg.batch_size, micro)]
         # The normaliser is the target count of the whole batch, so accumulation is exact (see module docstring).
         n_targets = max(sum(b.num_target_tokens for b in batches), 1)
-        loss_sum, correct = torch.zeros(()), 0
+        loss_sum, correct = torch.zeros((), device=device), 0
         for batch in batches:
             losses, right = loss_fn(model, batch)
             loss = masked_sum(losses, batch.target_mask) / n_targets

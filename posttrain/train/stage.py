@@ -38,6 +38,16 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(spec)
+    except RuntimeError as err:
+        raise ConfigError(f"device: {err}") from None
+
+
 def prepare_run_dir(cfg: Any, stage: str) -> Path:
     if not cfg.out:
         raise ConfigError(f"{stage}.out: a run directory is required (--out DIR)")
@@ -60,6 +70,7 @@ def _model_for_training(cfg: Any, stage: str) -> tuple[Any, Any]:
         model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
         if hasattr(model, "merge_and_unload"):  # an adapter dir: train on base + adapter merged
             model = model.merge_and_unload()
+    model.to(resolve_device(cfg.device))
     if cfg.lora_rank < 0:
         raise ConfigError(f"{stage}.lora_rank: must be >= 0, got {cfg.lora_rank}")
     if cfg.lora_rank:
