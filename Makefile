@@ -22,12 +22,12 @@ demo: $(VENV)/.base
 	$(VENV)/bin/posttrain demo --out runs/demo
 
 test: $(VENV)/.test
-	$(PY) -m ruff check posttrain tests benchmarks
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.test
-	$(PY) -m ruff check posttrain tests benchmarks
-	$(PY) -m ruff format --check posttrain tests benchmarks
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 bench: $(VENV)/.base
 	$(PY) -m pip install -q -e ".[bench]"

@@ -37,7 +37,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import LoadMeter, machine_info, matmul_peak_flops, peak_rss_mib, rss_mib  # noqa: E402
+from benchmarks.machine import (  # noqa: E402
+    LoadMeter,
+    machine_info,
+    matmul_peak_flops,
+    peak_rss_mib,
+    rss_mib,
+    wait_until_quiet,
+)
 
 RESULT_TAG = "BENCH_RESULT "
 FINGERPRINT_ROWS = 64
@@ -83,6 +90,7 @@ def _timed_steps(step_times: list[float], step_tokens: list[int], warmup: int) -
         "tokens_per_s": sum(tokens) / sum(times),
         "timed_steps": len(times),
         "all_step_s": [round(t, 4) for t in step_times],
+        "all_step_tokens": step_tokens,
     }
 
 
@@ -235,7 +243,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         "fingerprint": _fingerprint(seqs),
         "padding_fraction": 1 - sum(step_tokens) / max(padded, 1),
         "final_loss": losses[-1] if losses else None,
-        "optim": str(args.optim),
+        "optim": str(getattr(args.optim, "value", args.optim)),
         "attn_implementation": model.config._attn_implementation,
     }
 
@@ -425,6 +433,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-trl", action="store_true", help="time ours only (no TRL installed)")
     p.add_argument("--profile", action="store_true", help="also profile our step (phases and top ops)")
     p.add_argument("--matmul-size", type=int, default=2048, help="GEMM size of the fp32 peak measurement")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        help="before each round, wait up to this many seconds for other processes to use < 0.3 cores",
+    )
     p.add_argument("--timeout", type=float, default=900, help="seconds before a worker is killed")
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="markdown file to append to")
     p.add_argument("--no-write", action="store_true", help="print only; do not append to --out")
@@ -497,7 +511,8 @@ def markdown_section(
         f"- Data: {args.rows} rows of the built-in `arithmetic` task (conversational prompt/completion), loss on"
         f" completion tokens only, max length {args.max_length} (truncate), batch {args.batch_size} sequences,"
         f" AdamW lr {args.lr:g} cosine, no warm-up, clip 1.0, no eval, no checkpoints in the timed steps."
-        f" Same tokens on both sides (ids + loss mask of the first {FINGERPRINT_ROWS} rows): {extra['same_tokens']}.",
+        f" Same tokens on both sides (ids + loss mask of the first {FINGERPRINT_ROWS} rows): {extra['same_tokens']};"
+        f" same sequences in every step (same seeded shuffle, token counts per step equal): {extra['same_batches']}.",
         f"- TRL {info['trl']}: `SFTConfig(bf16=False, gradient_checkpointing=False, packing=False, padding_free=False,"
         f" completion_only_loss=True, logging_steps=1, save_strategy='no', use_cpu=True)`; its default collator pads"
         f" each batch to its longest row (padding computed but not counted: {extra['trl_padding']}); optimizer"
@@ -507,8 +522,8 @@ def markdown_section(
         " step to the end of the next (sampling, collation, forward, loss, backward, clip, optimiser, scheduler,"
         " per-step logging); tokenisation, model build, trainer construction and our end-of-run checkpoint are"
         " excluded. Tokens = processed (non-padding) tokens. Medians over runs.",
-        f"- fp32 matmul peak ({args.matmul_size}x{args.matmul_size} GEMM, {info['threads']} threads, median of"
-        f" {len(peak['runs'])} measurements in the same rounds): **{peak['flops'] / 1e9:.1f} GFLOP/s**"
+        f"- fp32 matmul peak ({args.matmul_size}x{args.matmul_size} GEMM, {info['threads']} threads; median over"
+        f" {len(peak['runs'])} rounds of each round's median of 10): **{peak['flops'] / 1e9:.1f} GFLOP/s**"
         f" (min {min(peak['runs']) / 1e9:.1f}, max {max(peak['runs']) / 1e9:.1f}).",
         f"- MFU = 6·N·tokens/s (LoRA: 4·N + 6·N_adapter) / that peak. Background load: {extra['load']}.",
         "",
@@ -559,6 +574,11 @@ def main(argv: list[str] | None = None) -> None:
     peaks: list[dict[str, Any]] = []
     names, t_start = list(configs), time.perf_counter()
     for rep in range(args.repeats):
+        if args.wait_quiet:
+            load = wait_until_quiet(max_wait_s=args.wait_quiet)
+            print(
+                f"[round {rep + 1}/{args.repeats}] machine busy with {load or 0:.2f} cores before starting", flush=True
+            )
         peaks.append(run_worker({**base, "side": "matmul"}, args.timeout))
         print(
             f"[round {rep + 1}/{args.repeats}] fp32 matmul peak {peaks[-1]['peak_flops'] / 1e9:.1f} GFLOP/s"
@@ -582,12 +602,13 @@ def main(argv: list[str] | None = None) -> None:
     if trl_runs:
         extra.update(
             same_tokens="yes" if trl_runs[0]["fingerprint"] == runs["ours full"][0]["fingerprint"] else "NO",
+            same_batches="yes" if trl_runs[0]["all_step_tokens"] == runs["ours full"][0]["all_step_tokens"] else "no",
             trl_padding=f"{100 * statistics.median(r['padding_fraction'] for r in trl_runs):.0f}% of its batch tokens",
             trl_optim=trl_runs[0]["optim"],
             attn=trl_runs[0]["attn_implementation"],
         )
     else:
-        extra.update(same_tokens="n/a (TRL skipped)", trl_padding="n/a")
+        extra.update(same_tokens="n/a (TRL skipped)", same_batches="n/a", trl_padding="n/a")
     others = [r["other_cores"] for rs in runs.values() for r in rs if r["other_cores"] is not None]
     extra["load"] = (
         "unknown (no /proc/stat)"

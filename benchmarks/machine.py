@@ -123,6 +123,25 @@ class LoadMeter:
         return {"own_cores": own / wall, "other_cores": others, "loadavg_1m": os.getloadavg()[0]}
 
 
+def busy_cores(seconds: float = 2.0) -> float | None:
+    """Cores the whole machine keeps busy over the next ``seconds`` (None where /proc/stat is unavailable)."""
+    busy0 = _busy_cpu_seconds()
+    time.sleep(seconds)
+    busy1 = _busy_cpu_seconds()
+    return None if busy0 is None or busy1 is None else (busy1 - busy0) / seconds
+
+
+def wait_until_quiet(*, max_wait_s: float, threshold: float = 0.3, poll_s: float = 10.0) -> float | None:
+    """Wait (up to ``max_wait_s``) until other processes use fewer than ``threshold`` cores; return the last
+    reading. A benchmark cannot stop other work on a shared machine, but it can choose its moment."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        load = busy_cores()
+        if load is None or load < threshold or time.monotonic() >= deadline:
+            return load
+        time.sleep(poll_s)
+
+
 def rss_mib() -> float:
     """Current resident set size (MiB) from /proc/self/status (0 where unavailable)."""
     try:

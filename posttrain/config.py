@@ -52,6 +52,8 @@ class DataArgs:
     length_policy: Literal["truncate", "drop"] = opt("truncate", "what to do with rows over max_length")
     completion_only_loss: bool = opt(True, "train on completion/assistant tokens only (False: all tokens)")
     skip_bad_rows: bool = opt(False, "skip malformed rows (count and reasons go to bad_rows.json) instead of stopping")
+    replay_data: str = opt("", "earlier-stage rows mixed into training against forgetting (e.g. corpus)")
+    replay_fraction: float = opt(0.0, "share of training examples drawn from replay_data, in [0, 1)")
 
 
 @dataclass(frozen=True)

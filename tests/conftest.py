@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import pytest
-import torch
-
-torch.set_num_threads(2)
-# Tests never read or write the user's cache.
-os.environ["POSTTRAIN_CACHE"] = tempfile.mkdtemp(prefix="posttrain-test-cache-")
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +14,7 @@ def tokenizer():
 
 @pytest.fixture()
 def tiny_model(tokenizer):
+    """A fresh random tiny model (hidden 128, 4 layers)."""
     from posttrain.models.tiny import build_model
 
     return build_model(tokenizer, seed=0)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import DataError
+from posttrain.errors import ConfigError, DataError
 
 Row = dict[str, Any]
 
@@ -73,8 +73,8 @@ def resolve_source(text: str) -> Path:
             return cache.task_file(name, split or "train")
         if text == "corpus" or text.startswith("corpus:"):
             return cache.corpus_file(text.partition(":")[2] or "train")
-    except (KeyError, ValueError) as err:
-        raise DataError(text, None, None, str(err).strip('"')) from None
+    except (ConfigError, ValueError) as err:
+        raise DataError(text, None, None, str(err)) from None
     return Path(text)
 
 

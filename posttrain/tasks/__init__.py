@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from posttrain.errors import ConfigError
 from posttrain.tasks.arithmetic import ArithmeticTask
 from posttrain.tasks.base import Row, Task, last_integer
 from posttrain.tasks.uppercase import UppercaseTask
@@ -19,7 +20,7 @@ TASKS: dict[str, Task] = {"arithmetic": ArithmeticTask(), "uppercase": Uppercase
 def get_task(name: str) -> Task:
     """The built-in task called ``name``; a clear error lists the others."""
     if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; built-in tasks: {', '.join(sorted(TASKS))}")
+        raise ConfigError(f"unknown task {name!r}; built-in tasks: {', '.join(sorted(TASKS))}")
     return TASKS[name]
 
 

@@ -1,11 +1,12 @@
 """Addition word problems solved column by column (the reasoning task of the embedded default).
 
-The solution first restates the sum with both operands padded to one width (so column i sits at a fixed
-place), then works from the units column up, so every carry is computed before it is used; each line carries
-the partial result, so the final answer is a copy of the last partial:
+The solution first restates the sum as digits (copied out of the words), then with both operands padded to
+one width (so column i sits at a fixed place), then works from the units column up, so every carry is computed
+before it is used; each line carries the partial result, so the final answer is a copy of the last partial:
 
     Q: Ann has 47 shells and finds 285 more. How many shells does Ann have now?
-    A: 047+285
+    A: 47+285
+       047+285
        7+5+0=12 -> 2
        4+8+1=13 -> 32
        0+2+1=3 -> 332
@@ -35,6 +36,7 @@ def column_addition(a: int, b: int, *, final: str = "Answer: ") -> str:
     """The step-by-step solution of ``a + b`` (units column first), ending in ``<final><sum>``.
 
     >>> print(column_addition(47, 285))
+    47+285
     047+285
     7+5+0=12 -> 2
     4+8+1=13 -> 32
@@ -43,7 +45,7 @@ def column_addition(a: int, b: int, *, final: str = "Answer: ") -> str:
     """
     da, db = str(a)[::-1], str(b)[::-1]
     width = max(len(da), len(db))
-    lines, partial, carry = [f"{a:0{width}d}+{b:0{width}d}"], "", 0
+    lines, partial, carry = [f"{a}+{b}", f"{a:0{width}d}+{b:0{width}d}"], "", 0
     for i in range(width):
         x = int(da[i]) if i < len(da) else 0
         y = int(db[i]) if i < len(db) else 0
@@ -61,6 +63,7 @@ class ArithmeticTask(Task):
 
     name = "arithmetic"
     description = "addition word problems, step-by-step column solutions"
+    version = 2
 
     def __init__(self, min_digits: int = 2, max_digits: int = 3):
         self.min_digits, self.max_digits = min_digits, max_digits

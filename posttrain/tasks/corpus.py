@@ -2,9 +2,10 @@
 
 Documents mix what a tiny model needs before post-training: the one-digit addition table with carries (the
 atoms of column addition), worked column additions as plain worksheets (no questions, no chat turns), sentences
-in the style of the word problems (without solutions: reading a problem and answering it in a conversation is
-what SFT teaches), and conversations of the retention task rendered with the chat template, so the base model
-already knows the turn format and one skill whose retention later stages are measured on.
+in the style of the word problems followed by the numbers they mention (reading numbers out of text, but no
+sums: reading a problem, solving it and answering in a conversation is what SFT teaches), and conversations
+of the retention task rendered with the chat template, so the base model already knows the turn format and one
+skill whose retention later stages are measured on.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from posttrain.tasks.arithmetic import NAMES, THINGS, column_addition
 from posttrain.tasks.uppercase import UppercaseTask
 
 SIZES = {"train": 20000, "val": 200}
-VERSION = 1  # bump whenever generated rows change, so cached files are regenerated
+VERSION = 2  # bump whenever generated rows change, so cached files are regenerated
 
 
 def _facts_document(rng: random.Random) -> str:
@@ -32,12 +33,15 @@ def _worksheet_document(rng: random.Random) -> str:
 
 
 def _story_document(rng: random.Random) -> str:
-    sentences = []
+    sentences, numbers = [], []
     for _ in range(rng.randint(2, 4)):
         name, thing = rng.choice(NAMES), rng.choice(THINGS)
-        a = rng.randint(10, 999)
-        sentences.append(rng.choice([f"{name} has {a} {thing}.", f"There are {a} {thing} in a box."]))
-    return " ".join(sentences)
+        a = rng.randint(1, 10 ** rng.randint(1, 4) - 1)
+        numbers.append(str(a))
+        sentences.append(
+            rng.choice([f"{name} has {a} {thing}.", f"There are {a} {thing} in a box.", f"{name} finds {a} more."])
+        )
+    return " ".join(sentences) + "\nNumbers: " + ", ".join(numbers)
 
 
 def _dialogue_document(rng: random.Random, task: UppercaseTask) -> str:
@@ -60,11 +64,11 @@ def corpus_rows(split: str = "train", n: int | None = None) -> list[dict[str, st
     rows = []
     while len(rows) < (SIZES[split] if n is None else n):
         kind = rng.random()
-        if kind < 0.2:
+        if kind < 0.15:
             text = _facts_document(rng)
-        elif kind < 0.5:
+        elif kind < 0.45:
             text = _worksheet_document(rng)
-        elif kind < 0.65:
+        elif kind < 0.7:
             text = _story_document(rng)
         else:
             text = _dialogue_document(rng, retention)

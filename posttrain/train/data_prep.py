@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,3 +71,24 @@ def prepare_examples(
             f" at max_length={max_length} ({', '.join(sorted(set(stats.reasons)))})",
         )
     return PreparedData(examples, len(checked.rows), len(checked.skipped), stats.truncated, stats.dropped)
+
+
+def mix_replay(examples: list[Example], replay: list[Example], fraction: float, *, seed: int) -> list[Example]:
+    """Add replay examples so that they make up ``fraction`` of the result (drawn without replacement while they
+    last, then again), against catastrophic forgetting of an earlier stage.
+
+    >>> a, b = [Example([1, 2], [False, True])] * 6, [Example([3, 4], [True, True])] * 5
+    >>> mixed = mix_replay(a, b, 0.25, seed=0)
+    >>> len(mixed), sum(e.input_ids[0] == 3 for e in mixed)
+    (8, 2)
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"replay_fraction must be in [0, 1), got {fraction}")
+    count = round(len(examples) * fraction / (1.0 - fraction))
+    if count == 0 or not replay:
+        return list(examples)
+    rng = random.Random(seed)
+    drawn: list[Example] = []
+    while len(drawn) < count:
+        drawn += rng.sample(replay, min(len(replay), count - len(drawn)))
+    return list(examples) + drawn

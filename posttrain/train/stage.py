@@ -25,7 +25,7 @@ from posttrain.config import to_dict
 from posttrain.errors import ConfigError
 from posttrain.models.loading import load_model, save_model_dir
 from posttrain.models.lora import add_lora
-from posttrain.train.data_prep import prepare_examples
+from posttrain.train.data_prep import mix_replay, prepare_examples
 from posttrain.train.loop import train
 
 FRESH_MODELS = {"builtin:tiny": "tiny", "builtin:small": "small"}
@@ -101,10 +101,19 @@ def run_lm_stage(cfg: Any, *, stage: str) -> dict[str, Any]:
         run_dir=run_dir,
     )
     data = prepare_examples(cfg.data, tokenizer, kind=kind, **common)
+    examples = data.examples
+    if cfg.replay_fraction and not cfg.replay_data:
+        raise ConfigError(f"{stage}.replay_data: replay_fraction={cfg.replay_fraction} needs replay_data")
+    if not 0.0 <= cfg.replay_fraction < 1.0:
+        raise ConfigError(f"{stage}.replay_fraction: must be in [0, 1), got {cfg.replay_fraction}")
+    replay = None
+    if cfg.replay_data and cfg.replay_fraction:
+        replay = prepare_examples(cfg.replay_data, tokenizer, kind="sft", label="replay", **common)
+        examples = mix_replay(examples, replay.examples, cfg.replay_fraction, seed=cfg.seed)
     eval_source = cfg.eval_data or default_eval_data(cfg.data)
     eval_data = prepare_examples(eval_source, tokenizer, kind=kind, label="eval", **common) if eval_source else None
     result = train(
-        model, data.examples, cfg, run_dir, eval_examples=eval_data.examples if eval_data else (), stage=stage
+        model, examples, cfg, run_dir, eval_examples=eval_data.examples if eval_data else (), stage=stage
     )
     save_model_dir(model, tokenizer, run_dir / "final")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -126,6 +135,7 @@ def run_lm_stage(cfg: Any, *, stage: str) -> dict[str, Any]:
         "tokens_per_s": round(result.tokens_per_s, 1),
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "data": data.summary(),
+        "replay": {"source": cfg.replay_data, "examples": len(examples) - len(data.examples)} if replay else None,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
