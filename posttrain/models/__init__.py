@@ -1,0 +1,1 @@
+"""Models: HF loading and saving, LoRA via peft, the embedded tiny model, padding-free attention."""

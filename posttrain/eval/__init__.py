@@ -1,0 +1,1 @@
+"""Evaluation: metrics (pure), batched generation, and the ``posttrain eval`` harness."""
