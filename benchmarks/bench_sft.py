@@ -362,7 +362,12 @@ WORKERS["ours_profile"] = run_ours_profile
 # --------------------------------------------------------------------------------------------------------------
 
 
-def run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+def run_worker(spec: dict[str, Any], timeout: float, *, wait_quiet: float = 0) -> dict[str, Any]:
+    """Run one configuration in a fresh process (after waiting up to ``wait_quiet`` s for a quiet machine)."""
+    if wait_quiet:
+        load = wait_until_quiet(max_wait_s=wait_quiet)
+        if load is not None and load >= 0.3:
+            print(f"  (still {load:.2f} busy cores after waiting {wait_quiet:.0f} s; running anyway)", flush=True)
     threads = str(spec["threads"])
     env = dict(
         os.environ,
@@ -437,7 +442,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--wait-quiet",
         type=float,
         default=0,
-        help="before each round, wait up to this many seconds for other processes to use < 0.3 cores",
+        help="before each run, wait up to this many seconds for other processes to use < 0.3 cores",
     )
     p.add_argument("--timeout", type=float, default=900, help="seconds before a worker is killed")
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="markdown file to append to")
@@ -574,22 +579,18 @@ def main(argv: list[str] | None = None) -> None:
     peaks: list[dict[str, Any]] = []
     names, t_start = list(configs), time.perf_counter()
     for rep in range(args.repeats):
-        if args.wait_quiet:
-            load = wait_until_quiet(max_wait_s=args.wait_quiet)
-            print(
-                f"[round {rep + 1}/{args.repeats}] machine busy with {load or 0:.2f} cores before starting", flush=True
-            )
-        peaks.append(run_worker({**base, "side": "matmul"}, args.timeout))
+        tag = f"[round {rep + 1}/{args.repeats}]"
+        peaks.append(run_worker({**base, "side": "matmul"}, args.timeout, wait_quiet=args.wait_quiet))
         print(
-            f"[round {rep + 1}/{args.repeats}] fp32 matmul peak {peaks[-1]['peak_flops'] / 1e9:.1f} GFLOP/s"
+            f"{tag} fp32 matmul peak {peaks[-1]['peak_flops'] / 1e9:.1f} GFLOP/s"
             f" (other processes {peaks[-1]['other_cores'] or 0:.2f} cores)",
             flush=True,
         )
         for name in names[rep % len(names) :] + names[: rep % len(names)]:
-            r = run_worker(configs[name], args.timeout)
+            r = run_worker(configs[name], args.timeout, wait_quiet=args.wait_quiet)
             runs[name].append(r)
             print(
-                f"[round {rep + 1}/{args.repeats}] {name}: median step {r['step_s']:.3f} s,"
+                f"{tag} {name}: median step {r['step_s']:.3f} s,"
                 f" {r['tokens_per_s']:,.0f} tokens/s, peak RSS {r['peak_rss_mib']:,.0f} MiB,"
                 f" other processes {r['other_cores'] or 0:.2f} cores, final loss {r['final_loss']:.3f}",
                 flush=True,
@@ -622,7 +623,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     )
     if args.profile:
-        prof = run_worker({**base, "side": "ours_profile"}, args.timeout)
+        prof = run_worker({**base, "side": "ours_profile"}, args.timeout, wait_quiet=args.wait_quiet)
         extra["profile"] = prof["phase_share"]
         print("\nWhere our step time goes (full fine-tune, timed steps):")
         for k, v in prof["phase_share"].items():

@@ -58,6 +58,16 @@ def is_adapter(path: str) -> bool:
 
 
 def _from_pretrained(loader: Any, path: str, **kw: Any) -> Any:
+    if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        # huggingface_hub reads HF_HUB_OFFLINE once, at import; honour it as set now, with no network retries.
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(path, "config.json"), str):
+            raise ModelError(
+                f"{path}: not a local directory and not in the Hugging Face cache, and HF_HUB_OFFLINE=1."
+                " Download it where the hub is reachable and pass the local directory instead."
+            )
+        kw["local_files_only"] = True
     try:
         return loader.from_pretrained(path, **kw)
     except OSError as err:

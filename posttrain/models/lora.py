@@ -5,7 +5,7 @@ head, which covers Llama, Qwen2 and GPT-2 alike; a list of module names override
 
     >>> from posttrain.models.tiny import build_tokenizer, build_model
     >>> model = add_lora(build_model(build_tokenizer()), rank=4)
-    >>> sorted({n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad})
+    >>> sorted({n.split(".")[-3] for n, p in model.named_parameters() if p.requires_grad})
     ['lora_A', 'lora_B']
 """
 
