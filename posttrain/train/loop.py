@@ -60,6 +60,26 @@ def make_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
     )
 
 
+def forward_backward(
+    model: Any, batches: Sequence[PackedBatch], loss_fn: LossFn
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Accumulate the gradient of one optimiser step over its micro-batches.
+
+    Each micro-batch's summed token loss is divided by the target count of the *whole* batch, so the summed
+    gradients equal the gradient of the full batch's token-mean loss. Returns (loss, correct tokens, targets).
+    """
+    n_targets = max(sum(b.num_target_tokens for b in batches), 1)
+    loss_sum = torch.zeros((), device=batches[0].input_ids.device)
+    correct = torch.zeros((), dtype=torch.long, device=loss_sum.device)
+    for batch in batches:
+        losses, right = loss_fn(model, batch)
+        loss = masked_sum(losses, batch.target_mask) / n_targets
+        loss.backward()
+        loss_sum += loss.detach()
+        correct += right.sum()
+    return loss_sum, correct, n_targets
+
+
 def check_loop_config(cfg: Any) -> None:
     if cfg.max_steps < 1:
         raise ConfigError(f"max_steps: must be at least 1, got {cfg.max_steps}")
@@ -124,15 +144,7 @@ def train(
         step = state["step"] + 1
         batch_examples = [examples[i] for i in sampler.take(cfg.batch_size)]
         batches = [pack(batch_examples[i : i + micro]).to(device) for i in range(0, cfg.batch_size, micro)]
-        # The normaliser is the target count of the whole batch, so accumulation is exact (see module docstring).
-        n_targets = max(sum(b.num_target_tokens for b in batches), 1)
-        loss_sum, correct = torch.zeros((), device=device), 0
-        for batch in batches:
-            losses, right = loss_fn(model, batch)
-            loss = masked_sum(losses, batch.target_mask) / n_targets
-            loss.backward()
-            loss_sum += loss.detach()
-            correct += int(right.sum())
+        loss_sum, correct, n_targets = forward_backward(model, batches, loss_fn)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         loss_value = float(loss_sum)
         finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
@@ -178,7 +190,7 @@ def train(
                 "loss": loss_value,
                 "lr": lr,
                 "grad_norm": float(grad_norm),
-                "token_accuracy": correct / n_targets,
+                "token_accuracy": float(correct) / n_targets,
                 "tokens_per_s": window_tokens / max(now - window_time, 1e-9),
                 "tokens": state["tokens"],
                 "skipped_steps": state["skipped_steps"],
@@ -188,10 +200,12 @@ def train(
             window_time, window_tokens = now, 0
         if eval_examples and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
             log.write({"step": step, **{f"eval_{k}": v for k, v in mean_nll(model, eval_examples).items()}})
+            window_time = time.perf_counter()  # throughput counts training only
         # No checkpoint in the middle of a non-finite streak: the last good one must survive the rotation.
         due = (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps
         if due and state["bad_in_row"] == 0:
             save_checkpoint(run_dir, step, model, optimizer, scheduler, state, keep=cfg.keep_checkpoints)
+            window_time = time.perf_counter()
         if stop_after is not None and step >= stop_after:
             break
     bar.close()

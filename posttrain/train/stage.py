@@ -112,9 +112,7 @@ def run_lm_stage(cfg: Any, *, stage: str) -> dict[str, Any]:
         examples = mix_replay(examples, replay.examples, cfg.replay_fraction, seed=cfg.seed)
     eval_source = cfg.eval_data or default_eval_data(cfg.data)
     eval_data = prepare_examples(eval_source, tokenizer, kind=kind, label="eval", **common) if eval_source else None
-    result = train(
-        model, examples, cfg, run_dir, eval_examples=eval_data.examples if eval_data else (), stage=stage
-    )
+    result = train(model, examples, cfg, run_dir, eval_examples=eval_data.examples if eval_data else (), stage=stage)
     save_model_dir(model, tokenizer, run_dir / "final")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     summary = {
