@@ -142,7 +142,7 @@ def _generate(args: argparse.Namespace) -> None:
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens,
     )
-    print(json.dumps([{"prompt": p, "completions": o} for p, o in zip(args.prompt, outs)], indent=1))
+    print(json.dumps([{"prompt": p, "completions": o} for p, o in zip(args.prompt, outs.texts)], indent=1))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

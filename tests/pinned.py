@@ -21,8 +21,17 @@ def pinned_sft_losses() -> list[float]:
     rows = [{k: r[k] for k in ("prompt", "completion")} for r in _rows()]
     data = prepare_examples(rows, tok, kind="sft", max_length=256, length_policy="truncate", completion_only=True)
     with tempfile.TemporaryDirectory() as out:
-        values = {"out": out, "max_steps": 8, "batch_size": 4, "grad_accum": 2, "lr": 3e-3, "warmup_steps": 2,
-                  "log_every": 1, "progress": False, "seed": 0}
+        values = {
+            "out": out,
+            "max_steps": 8,
+            "batch_size": 4,
+            "grad_accum": 2,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "log_every": 1,
+            "progress": False,
+            "seed": 0,
+        }
         train(model, data.examples, build_config(SFTConfig, values, path="sft"), Path(out))
         records = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if "loss" in r]

@@ -7,6 +7,7 @@ from math import comb
 
 import pytest
 
+from posttrain.eval.generate import Generations
 from posttrain.eval.harness import generic_score
 from posttrain.eval.metrics import ks_up_to, pass_at_k
 from posttrain.tasks import get_task
@@ -65,8 +66,7 @@ def test_harness_accuracy_and_pass_at_k(monkeypatch, tmp_path, tiny_model_dir):
 
     def fake_generate(model, tokenizer, prompts, **kw):
         assert kw["n"] == 4 and kw["do_sample"]
-        fake_generate.last_new_tokens = 40
-        return fake
+        return Generations(fake, new_tokens=40)
 
     monkeypatch.setattr(harness, "generate_texts", fake_generate)
     cfg = build_config(

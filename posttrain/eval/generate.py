@@ -3,16 +3,25 @@
 >>> from posttrain.models.loading import load_model
 >>> model, tok = load_model("builtin:tiny-base")
 >>> out = generate_texts(model, tok, ["<|user|>Write in capitals: dog</s><|assistant|>"], max_new_tokens=8)
->>> len(out), len(out[0])
-(1, 1)
+>>> out.texts
+[['DOG']]
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+
+@dataclass
+class Generations:
+    """``texts[i]`` holds the completions of prompt i; ``new_tokens`` counts generated tokens (EOS included)."""
+
+    texts: list[list[str]]
+    new_tokens: int
 
 
 @torch.no_grad()
@@ -27,9 +36,8 @@ def generate_texts(
     top_p: float = 1.0,
     max_new_tokens: int = 96,
     batch_size: int = 256,
-) -> list[list[str]]:
-    """``n`` completions per prompt (special tokens removed), prompt order kept; also counts generated tokens
-    in ``generate_texts.last_new_tokens``."""
+) -> Generations:
+    """``n`` completions per prompt (special tokens removed), in prompt order."""
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     results: list[list[str]] = []
@@ -56,5 +64,4 @@ def generate_texts(
             results += [texts[i : i + n] for i in range(0, len(texts), n)]
     finally:
         tokenizer.padding_side = side
-    generate_texts.last_new_tokens = new_tokens  # type: ignore[attr-defined]
-    return results
+    return Generations(results, new_tokens)

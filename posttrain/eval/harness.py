@@ -76,7 +76,7 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: Any) -> dict[str, Any]:
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     prompts = [render_prompt(r, tokenizer) for r in rows]
-    samples = generate_texts(
+    generations = generate_texts(
         model,
         tokenizer,
         prompts,
@@ -87,7 +87,7 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: Any) -> dict[str, Any]:
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,
     )
-    new_tokens = generate_texts.last_new_tokens  # type: ignore[attr-defined]
+    samples, new_tokens = generations.texts, generations.new_tokens
     strict = [[score(s, r["answer"])[0] for s in group] for group, r in zip(samples, rows)]
     lenient = [[score(s, r["answer"])[1] for s in group] for group, r in zip(samples, rows)]
     mean = lambda grid: sum(sum(g) / len(g) for g in grid) / len(grid)  # noqa: E731
