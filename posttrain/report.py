@@ -81,7 +81,7 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
             if train:
                 ax.plot(*zip(*train), label="train loss")
             if held:
-                ax.plot(*zip(*held), "o-", label="held-out loss")
+                ax.plot(*zip(*held), "o-", label="held-out loss (task val split)")
             ax.set_title(f"{s['name']}: loss")
             ax.set_xlabel("step")
             ax.legend()
@@ -96,7 +96,7 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
     ax.set_xticks(range(len(stages)), names)
     ax.set_ylabel("% of held-out problems")
     ax.set_ylim(0, 100)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("Held-out accuracy after each stage")
     images.append(("Accuracy by stage", _png(fig)))
     plt.close(fig)
