@@ -38,3 +38,23 @@ def sequence_mean(values: Tensor, mask: Tensor) -> Tensor:
     """
     per_row = torch.where(mask, values, torch.zeros((), dtype=values.dtype)).sum(-1)
     return (per_row / mask.sum(-1).clamp(min=1)).mean()
+
+
+def constant_normaliser_mean(values: Tensor, mask: Tensor, *, max_tokens: int) -> Tensor:
+    """Dr. GRPO's reduction: sum over counted tokens / (rows * max_tokens), a constant independent of lengths, so
+    long wrong answers are not penalised less per token than short ones.
+
+    >>> import torch
+    >>> constant_normaliser_mean(torch.tensor([[2.0, 2.0], [4.0, 0.0]]), torch.tensor([[True, True], [True, False]]),
+    ...                          max_tokens=4)
+    tensor(1.)
+    """
+    return masked_sum(values, mask) / (values.shape[0] * max_tokens)
+
+
+# One signature (values, mask, *, max_tokens) so a variant can name its reduction.
+REDUCTIONS = {
+    "token_mean": lambda values, mask, *, max_tokens: token_mean(values, mask),
+    "sequence_mean": lambda values, mask, *, max_tokens: sequence_mean(values, mask),
+    "constant": constant_normaliser_mean,
+}
