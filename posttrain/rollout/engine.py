@@ -1,0 +1,179 @@
+"""Batched sampling with a KV cache and shared prompt prefill.
+
+Legend: N prompts, G samples per prompt, B = N * G completions, T new tokens, V vocabulary.
+
+The engine prefills each prompt *once*, then repeats its KV cache G times, so the G samples of a prompt share
+the prompt's compute. It returns token ids, the log-probability of every sampled token under the sampling
+distribution (logits / temperature, before top-k/top-p truncation: the distribution a trainer recomputes), and
+why each completion ended. ``RolloutEngine`` is the interface another backend (vLLM, say) would implement.
+
+    >>> from posttrain.models.loading import load_model
+    >>> model, tok = load_model("builtin:tiny-base")
+    >>> engine = HFEngine(model, tok)
+    >>> prompt = tok.apply_chat_template([{"role": "user", "content": "Write in capitals: dog"}],
+    ...                                  add_generation_prompt=True, tokenize=False)
+    >>> out = engine.generate([prompt], SamplingParams(n=2, temperature=0.0, max_new_tokens=8), seed=0)
+    >>> out.texts, out.finish_reasons
+    (['DOG', 'DOG'], ['stop', 'stop'])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. ``temperature`` 0 means greedy; ``top_k`` 0 and ``top_p`` 1 mean no truncation."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Rollouts:
+    """B = N * G completions, grouped by prompt: completion i belongs to prompt ``prompt_index[i]``.
+
+    completion_ids (B, T) long, padded; mask (B, T) bool, True = a generated token (EOS included);
+    logps (B, T) float, 0 where not generated; texts (B) decoded without special tokens;
+    finish_reasons (B): "stop" (EOS or a stop string) or "length"."""
+
+    prompt_ids: list[list[int]]
+    prompt_index: list[int]
+    completion_ids: Tensor
+    mask: Tensor
+    logps: Tensor
+    texts: list[str]
+    finish_reasons: list[str]
+    forward_passes: int = 0
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.mask.sum(-1)
+
+
+class RolloutEngine(Protocol):
+    """What RL trainers and search strategies need from a generation backend."""
+
+    def generate(self, prompts: list[str], params: SamplingParams, *, seed: int) -> Rollouts:
+        """Sample ``params.n`` completions for each prompt; the same seed gives the same samples."""
+        ...
+
+
+def sample_tokens(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Sample one token per row from (B, V) logits; returns (tokens (B,), their log-probs under logits / T)."""
+    logits = logits.float()
+    if params.temperature <= 0:
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    scaled = logits / params.temperature
+    logps_all = torch.log_softmax(scaled, -1)
+    filtered = scaled
+    if params.top_k > 0:
+        kth = torch.topk(filtered, min(params.top_k, filtered.shape[-1]), dim=-1).values[:, -1:]
+        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(filtered, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, -1) >= params.top_p  # keep the smallest set reaching top_p
+        filtered = filtered.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    tokens = torch.multinomial(torch.softmax(filtered, -1), 1, generator=generator).squeeze(-1)
+    return tokens, logps_all.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+class HFEngine:
+    """The built-in engine: any HF causal LM, KV cache, shared prefill, early exit when all rows finish."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, share_prefill: bool = True):
+        self.model, self.tokenizer, self.share_prefill = model, tokenizer, share_prefill
+
+    def _prefill(self, prompt_ids: list[list[int]]) -> tuple[Tensor, Tensor, Any]:
+        """Left-padded prefill: (last-position logits (N, V), attention mask (N, P), cache)."""
+        pad = self.tokenizer.pad_token_id
+        width = max(len(p) for p in prompt_ids)
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=device)
+        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        return out.logits[:, -1], attn, out.past_key_values
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], params: SamplingParams, *, seed: int) -> Rollouts:
+        """See ``RolloutEngine.generate``. Prompts are text (chat template already applied)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._generate(prompts, params, seed)
+        finally:
+            self.model.train(was_training)
+
+    def _generate(self, prompts: list[str], params: SamplingParams, seed: int) -> Rollouts:
+        tok = self.tokenizer
+        prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        g = params.n
+        prompt_index = [i for i in range(len(prompts)) for _ in range(g)]
+        if self.share_prefill:
+            logits, attn, cache = self._prefill(prompt_ids)
+            # The G samples of a prompt reuse its prefill: repeat the cache rows instead of recomputing them.
+            logits, attn = logits.repeat_interleave(g, 0), attn.repeat_interleave(g, 0)
+            cache.batch_repeat_interleave(g)
+            passes = 1
+        else:
+            logits, attn, cache = self._prefill([prompt_ids[i] for i in prompt_index])
+            passes = 1
+        generator = torch.Generator(device=logits.device).manual_seed(seed)
+        b, device = len(prompt_index), logits.device
+        eos = tok.eos_token_id
+        tokens = torch.full((b, params.max_new_tokens), tok.pad_token_id, dtype=torch.long, device=device)
+        logps = torch.zeros(b, params.max_new_tokens, device=device)
+        mask = torch.zeros(b, params.max_new_tokens, dtype=torch.bool, device=device)
+        finish = ["length"] * b
+        active = torch.arange(b, device=device)  # rows still generating, in cache order
+        positions = attn.sum(-1)
+        for t in range(params.max_new_tokens):
+            new, new_logps = sample_tokens(logits, params, generator)
+            tokens[active, t], logps[active, t], mask[active, t] = new, new_logps, True
+            done = new == eos
+            if params.stop:
+                done |= self._hit_stop(tokens, mask, active, params.stop)
+            for row in active[done].tolist():
+                finish[row] = "stop"
+            keep = ~done
+            if not keep.any() or t == params.max_new_tokens - 1:
+                break
+            if not keep.all():
+                # Finished rows leave the batch: their cache rows are dropped, so no compute is spent on them.
+                idx = keep.nonzero().squeeze(-1)
+                active, new, attn, positions = active[idx], new[idx], attn[idx], positions[idx]
+                cache.batch_select_indices(idx)
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=-1)
+            out = self.model(
+                input_ids=new[:, None],
+                attention_mask=attn,
+                position_ids=positions[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            positions = positions + 1
+            logits, cache = out.logits[:, -1], out.past_key_values
+            passes += 1
+        width = int(mask.sum(-1).max()) if mask.any() else 0
+        tokens, logps, mask = tokens[:, :width], logps[:, :width], mask[:, :width]
+        texts = [tok.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(tokens, mask)]
+        return Rollouts(prompt_ids, prompt_index, tokens, mask, logps, texts, finish, passes)
+
+    def _hit_stop(self, tokens: Tensor, mask: Tensor, active: Tensor, stop: tuple[str, ...]) -> Tensor:
+        hits = []
+        for row in active.tolist():
+            text = self.tokenizer.decode(tokens[row][mask[row]].tolist(), skip_special_tokens=True)
+            hits.append(any(s in text for s in stop))
+        return torch.tensor(hits, device=tokens.device)
