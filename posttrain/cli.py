@@ -22,6 +22,7 @@ from posttrain.errors import ConfigError, PosttrainError
 DESCRIPTIONS = {
     "pretrain": "train a causal LM on text rows (from scratch with --model builtin:tiny)",
     "sft": "supervised fine-tuning, full or LoRA (--lora-rank R)",
+    "grpo": "RL with verifiable rewards: GRPO, Dr. GRPO, DAPO, GSPO (--loss), RLOO/REINFORCE++ (--advantage)",
     "eval": "accuracy (strict/lenient), pass@k and perplexity on held-out rows",
 }
 
@@ -165,6 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             summary = run_lm_stage(_stage_config(STAGE_CONFIGS[args.command], args, args.command), stage=args.command)
             print(json.dumps({k: summary[k] for k in ("final", "steps", "final_train_loss", "heldout", "wall_s")}))
+        elif args.command == "grpo":
+            from posttrain.train.grpo import run_grpo
+
+            summary = run_grpo(_stage_config(STAGE_CONFIGS["grpo"], args, "grpo"))
+            print(json.dumps({k: summary[k] for k in ("final", "steps", "final_reward_mean", "wall_s")}))
         elif args.command == "eval":
             from posttrain.eval.harness import evaluate
 

@@ -72,7 +72,6 @@ class OptimArgs:
 class LoopArgs:
     out: str = opt("", "run directory (required)")
     max_steps: int = opt(100, "optimiser steps")
-    batch_size: int = opt(8, "sequences per optimiser step (over all micro-batches)")
     seed: int = opt(0, "seed for init, data order and sampling")
     save_every: int = opt(0, "checkpoint every N steps; 0 = only at the end")
     keep_checkpoints: int = opt(2, "newest complete checkpoints to keep")
@@ -86,12 +85,17 @@ class LoopArgs:
 
 
 @dataclass(frozen=True)
-class SFTConfig(LoopArgs, OptimArgs, DataArgs, ModelArgs):
+class BatchArgs:
+    batch_size: int = opt(8, "sequences per optimiser step (over all micro-batches)")
+
+
+@dataclass(frozen=True)
+class SFTConfig(LoopArgs, BatchArgs, OptimArgs, DataArgs, ModelArgs):
     """Supervised fine-tuning (full or LoRA) on prompt/completion, messages or text rows."""
 
 
 @dataclass(frozen=True)
-class PretrainConfig(LoopArgs, OptimArgs, DataArgs, ModelArgs):
+class PretrainConfig(LoopArgs, BatchArgs, OptimArgs, DataArgs, ModelArgs):
     """Causal-LM training from scratch (``model: builtin:tiny`` / ``builtin:small``) or continued pretraining."""
 
     completion_only_loss: bool = opt(False, "train on all tokens (pretraining default)")
@@ -119,7 +123,42 @@ class EvalConfig:
     threads: int = opt(0, "torch CPU threads; 0 = torch's default")
 
 
-STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "eval": EvalConfig}
+@dataclass(frozen=True)
+class GRPOConfig(LoopArgs, OptimArgs, ModelArgs):
+    """RL with verifiable rewards: GRPO and its family (Dr. GRPO, DAPO, GSPO; RLOO and REINFORCE++ baselines)."""
+
+    data: str = opt("task:arithmetic", "prompt rows {prompt, ...}; other columns are passed to reward functions")
+    max_length: int = opt(512, "maximum prompt tokens (longer prompts are dropped and counted)")
+    reward: list[str] = opt(["correct"], "reward functions: built-in names or module:function (comma-separated)")
+    reward_weights: list[float] = opt([], "one weight per reward function (default 1 each)")
+    reward_timeout_s: float = opt(30.0, "a reward call running longer than this fails")
+    reward_on_error: Literal["raise", "zero"] = opt(
+        "raise", "stop on a failing reward call, or score it 0 and count it"
+    )
+    group_size: int = opt(8, "completions sampled per prompt (G)")
+    batch_prompts: int = opt(8, "prompts per step (N); a step trains on N * G completions")
+    max_new_tokens: int = opt(96, "generation limit per completion")
+    temperature: float = opt(1.0, "sampling temperature")
+    top_p: float = opt(1.0, "nucleus sampling mass")
+    loss: Literal["grpo", "dr_grpo", "dapo", "gspo"] = opt("grpo", "policy-loss variant")
+    advantage: Literal["auto", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = opt(
+        "auto", "advantage estimator; auto = the loss variant's own (dr_grpo -> centred, else group-normalised)"
+    )
+    epsilon_low: float = opt(0.0, "lower clip range; 0 = the loss variant's default")
+    epsilon_high: float = opt(0.0, "upper clip range; 0 = the loss variant's default (DAPO: clip-higher)")
+    updates_per_batch: int = opt(1, "policy updates per rollout batch (>1 uses the clipped ratio)")
+    kl_coef: float = opt(0.0, "KL penalty to the reference; 0 loads no reference model")
+    kl_estimator: Literal["k1", "k3"] = opt("k3", "per-token KL estimator")
+    dynamic_sampling: bool = opt(False, "drop groups whose rewards are all equal (DAPO)")
+    overlong_buffer: int = opt(0, "DAPO overlong shaping: penalty ramps over the last N tokens before the limit")
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "pretrain": PretrainConfig,
+    "sft": SFTConfig,
+    "grpo": GRPOConfig,
+    "eval": EvalConfig,
+}
 
 
 def field_help(cls: type) -> dict[str, str]:

@@ -74,7 +74,7 @@ def stage_config(stage: dict[str, Any], *, index: int, out: Path, previous_model
     values = {k: v for k, v in stage.items() if k not in ("name", "type", "use")}
     kind = stage.get("type", stage["name"])
     if kind not in STAGE_CONFIGS or kind == "eval":
-        raise ConfigError(f"stages[{index}].type: unknown stage type {kind!r} (choose one of pretrain, sft)")
+        raise ConfigError(f"stages[{index}].type: unknown stage type {kind!r} (choose one of pretrain, sft, grpo)")
     values.setdefault("out", str(out / stage["name"]))
     if previous_model is not None:
         values.setdefault("model", previous_model)
@@ -121,6 +121,7 @@ def run_recipe(recipe: dict[str, Any], *, out: str | None = None, progress: bool
     """Run every stage, evaluate after each, write ``summary.json`` and ``report.html`` in the run directory."""
     from posttrain.models.loading import resolve
     from posttrain.report import print_stage_table, write_report
+    from posttrain.train.grpo import run_grpo
     from posttrain.train.stage import run_lm_stage
 
     run_dir = Path(out or recipe.get("out") or "runs/recipe")
@@ -144,7 +145,7 @@ def run_recipe(recipe: dict[str, Any], *, out: str | None = None, progress: bool
         else:
             kind, cfg = stage_config(stage, index=index, out=run_dir, previous_model=previous)
             cfg = replace(cfg, progress=progress and cfg.progress)
-            summary = run_lm_stage(cfg, stage=kind)
+            summary = run_grpo(cfg) if kind == "grpo" else run_lm_stage(cfg, stage=kind)
             previous = summary["final"]
             record = {
                 "name": stage["name"],

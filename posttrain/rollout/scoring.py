@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from posttrain.data.batching import pack
 from posttrain.data.encode import Example
@@ -19,8 +18,11 @@ from posttrain.models.varlen import packed_attention
 from posttrain.rollout.engine import Rollouts
 
 
-def completion_logps(model: Any, rollouts: Rollouts, *, temperature: float = 1.0, rows: Any = None) -> Tensor:
-    """(b, T) log-probs of the completion tokens of ``rows`` (default: all) under ``model``, one packed forward.
+def completion_logps(
+    model: Any, rollouts: Rollouts, *, temperature: float = 1.0, rows: Any = None, with_entropy: bool = False
+) -> Any:
+    """(b, T) log-probs of the completion tokens of ``rows`` (default: all) under ``model``, one packed forward;
+    with ``with_entropy`` also the (b, T) entropy of each token's distribution (detached).
 
     Positions past a completion's end are 0. Gradient flows when called outside ``torch.no_grad()``.
     """
@@ -36,7 +38,16 @@ def completion_logps(model: Any, rollouts: Rollouts, *, temperature: float = 1.0
             input_ids=batch.input_ids, position_ids=batch.position_ids, posttrain_bounds=batch.bounds, use_cache=False
         ).logits
     scale = temperature if temperature > 0 else 1.0
-    flat = token_logps(logits / scale, batch.targets)[0][batch.target_mask[0]]
-    out = torch.zeros(len(rows), rollouts.mask.shape[1], dtype=flat.dtype, device=flat.device)
+    scaled = logits / scale
+    where = batch.target_mask[0]
+    flat = token_logps(scaled, batch.targets)[0][where]
     sub_mask = rollouts.mask[rows]
-    return out.masked_scatter(sub_mask, flat)
+    out = torch.zeros(len(rows), rollouts.mask.shape[1], dtype=flat.dtype, device=flat.device).masked_scatter(
+        sub_mask, flat
+    )
+    if not with_entropy:
+        return out
+    with torch.no_grad():
+        logp_all = torch.log_softmax(scaled[0][where].float(), -1)
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+    return out, torch.zeros_like(out).masked_scatter(sub_mask, ent)

@@ -1,0 +1,259 @@
+"""``posttrain grpo``: RL with verifiable rewards, GRPO and its family.
+
+One step, top to bottom: take N prompts; sample G completions each with the rollout engine (shared prefill);
+score them with the reward functions; turn each group's rewards into advantages; optionally drop zero-variance
+groups (dynamic sampling); then one or more policy updates with the chosen clipped loss (plus a KL penalty to
+the reference when ``kl_coef`` > 0). Sampling is seeded by (seed, step), so a resumed run samples exactly what
+the uninterrupted run did. The maths lives in ``advantages.py`` and ``losses/``; this file only wires it up.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from posttrain.advantages import ESTIMATORS, varied_groups
+from posttrain.data.batching import ResumableSampler
+from posttrain.data.encode import render_prompt
+from posttrain.data.rows import load_rows, validate_rows
+from posttrain.errors import ConfigError, TrainingError
+from posttrain.eval.harness import generic_score
+from posttrain.losses.kl import KL_ESTIMATORS
+from posttrain.losses.policy import POLICY_LOSSES
+from posttrain.losses.reduce import masked_sum
+from posttrain.rewards import parse_rewards, score_completions
+from posttrain.rewards.shaping import overlong_penalty
+from posttrain.rollout import HFEngine, SamplingParams
+from posttrain.rollout.scoring import completion_logps
+from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain.train.loop import make_optimizer
+from posttrain.train.metrics import MetricsLog
+from posttrain.train.stage import _model_for_training, peak_memory_mb, prepare_run_dir, save_model_dir
+
+
+def _prompt_rows(cfg: Any, tokenizer: Any) -> tuple[list[dict], int]:
+    rows = validate_rows(load_rows(cfg.data), "prompt", source=cfg.data, skip_bad_rows=False).rows
+    kept = [
+        r
+        for r in rows
+        if len(tokenizer(render_prompt(r, tokenizer), add_special_tokens=False)["input_ids"]) <= cfg.max_length
+    ]
+    if not kept:
+        raise ConfigError(f"grpo.max_length: all {len(rows)} prompts are longer than {cfg.max_length} tokens")
+    return [{k: v for k, v in r.items() if k not in ("completion", "question")} for r in kept], len(rows) - len(kept)
+
+
+def _check(cfg: Any) -> None:
+    for key in ("group_size", "batch_prompts", "max_new_tokens", "updates_per_batch", "max_steps", "grad_accum"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"grpo.{key}: must be at least 1, got {getattr(cfg, key)}")
+    if cfg.kl_coef < 0:
+        raise ConfigError(f"grpo.kl_coef: must be >= 0, got {cfg.kl_coef}")
+
+
+def run_grpo(cfg: Any) -> dict[str, Any]:
+    """Run GRPO (or a variant) and write the run directory; returns the summary."""
+    _check(cfg)
+    run_dir = prepare_run_dir(cfg, "grpo")
+    started = time.perf_counter()
+    specs = parse_rewards(cfg.reward, cfg.reward_weights)
+    model, tokenizer = _model_for_training(cfg, "grpo")
+    rows, dropped = _prompt_rows(cfg, tokenizer)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    # The reference: none without KL; with LoRA the base with adapters disabled; else a frozen copy.
+    reference = None
+    if cfg.kl_coef > 0 and not cfg.lora_rank:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    policy = POLICY_LOSSES[cfg.loss]
+    estimator = ESTIMATORS[
+        ("dr_grpo" if cfg.loss == "dr_grpo" else "grpo") if cfg.advantage == "auto" else cfg.advantage
+    ]
+    eps = {"eps_low": cfg.epsilon_low or None, "eps_high": cfg.epsilon_high or None}
+    params = SamplingParams(
+        n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens
+    )
+    engine = HFEngine(model, tokenizer)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = get_scheduler(
+        cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=cfg.warmup_steps,
+        num_training_steps=cfg.max_steps,
+    )
+    sampler = ResumableSampler(len(rows), seed=cfg.seed)
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    state = {"step": 0, "skipped_steps": 0, "bad_in_row": 0, "sampler": sampler.state_dict(), "reward_failures": 0}
+    checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        sampler.load_state_dict(state["sampler"])
+        log.truncate_after(state["step"])
+    else:
+        log.reset()
+    resumed_from = state["step"] if checkpoint is not None else None
+    params_list = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="grpo", disable=not cfg.progress, unit="step")
+    while state["step"] < cfg.max_steps:
+        step = state["step"] + 1
+        batch_rows = [rows[i] for i in sampler.take(cfg.batch_prompts)]
+        times: dict[str, float] = {}
+        t = time.perf_counter()
+        rollouts = engine.generate(
+            [render_prompt(r, tokenizer) for r in batch_rows], params, seed=cfg.seed * 1_000_003 + step
+        )
+        times["generate_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        per_completion = [batch_rows[i] for i in rollouts.prompt_index]
+        scores = score_completions(
+            specs, rollouts.texts, per_completion, timeout_s=cfg.reward_timeout_s, on_error=cfg.reward_on_error
+        )
+        rewards = scores.total + overlong_penalty(
+            rollouts.lengths, max_tokens=cfg.max_new_tokens, buffer=cfg.overlong_buffer
+        )
+        grouped = rewards.view(cfg.batch_prompts, cfg.group_size)
+        advantages = estimator(grouped).reshape(-1)
+        varied = varied_groups(grouped)
+        keep = (
+            varied.repeat_interleave(cfg.group_size)
+            if cfg.dynamic_sampling
+            else torch.ones_like(rewards, dtype=torch.bool)
+        )
+        times["reward_s"] = time.perf_counter() - t
+        record = update_policy(
+            model, reference, rollouts, advantages, keep, cfg, policy, eps, optimizer, params_list, times
+        )
+        finite = record.pop("finite")
+        if finite:
+            state["bad_in_row"] = 0
+        else:
+            state["skipped_steps"] += 1
+            state["bad_in_row"] += 1
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        state.update(step=step, sampler=sampler.state_dict(), reward_failures=state["reward_failures"] + scores.failed)
+        strict = [generic_score(c, str(r["answer"])) for c, r in zip(rollouts.texts, per_completion) if "answer" in r]
+        record.update(
+            step=step,
+            lr=lr,
+            reward_mean=float(rewards.mean()),
+            reward_std=float(rewards.std()),
+            **{f"reward_{k}": float(v.mean()) for k, v in scores.per_function.items()},
+            accuracy_strict=sum(s for s, _ in strict) / len(strict) if strict else None,
+            accuracy_lenient=sum(le for _, le in strict) / len(strict) if strict else None,
+            completion_length=float(rollouts.lengths.float().mean()),
+            zero_std_fraction=float(1 - varied.float().mean()),
+            reward_failures=state["reward_failures"],
+            skipped_steps=state["skipped_steps"],
+            **{k: round(v, 4) for k, v in times.items()},
+        )
+        if step % cfg.log_every == 0 or step == cfg.max_steps or not finite:
+            log.write(record)
+        bar.update(1)
+        bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
+        if state["bad_in_row"] >= cfg.max_bad_steps:
+            bar.close()
+            raise TrainingError(
+                f"grpo: stopped at step {step} after {state['bad_in_row']} non-finite losses or"
+                f" gradients in a row; last good checkpoint: {latest_checkpoint(run_dir) or 'none'}"
+            )
+        if ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps) and state["bad_in_row"] == 0:
+            save_checkpoint(run_dir, step, model, optimizer, scheduler, state, keep=cfg.keep_checkpoints)
+    bar.close()
+    save_model_dir(model, tokenizer, run_dir / "final")
+    metrics = log.read()
+    summary = {
+        "stage": "grpo",
+        "model": cfg.model,
+        "final": str(run_dir / "final"),
+        "lora": bool(cfg.lora_rank),
+        "loss": cfg.loss,
+        "steps": state["step"],
+        "skipped_steps": state["skipped_steps"],
+        "resumed_from": resumed_from,
+        "prompts": len(rows),
+        "dropped_long_prompts": dropped,
+        "reward_failures": state["reward_failures"],
+        "final_reward_mean": metrics[-1]["reward_mean"] if metrics else None,
+        "wall_s": round(time.perf_counter() - started, 3),
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def update_policy(
+    model: Any,
+    reference: Any,
+    rollouts: Any,
+    advantages: torch.Tensor,
+    keep: torch.Tensor,
+    cfg: Any,
+    policy: Any,
+    eps: dict,
+    optimizer: Any,
+    params: list,
+    times: dict,
+) -> dict[str, Any]:
+    """Reference and old log-probs, then ``updates_per_batch`` clipped policy updates over the kept completions."""
+    rows = keep.nonzero().squeeze(-1).tolist()
+    record: dict[str, Any] = {"finite": True, "kept_completions": len(rows)}
+    if not rows:  # every group had equal rewards: nothing to learn from this batch
+        record.update(
+            loss=0.0, kl=0.0, clip_fraction=0.0, entropy=None, logp_diff_max=None, update_s=0.0, reference_s=0.0
+        )
+        return record
+    t = time.perf_counter()
+    ref_logps = None
+    if cfg.kl_coef > 0:
+        with torch.no_grad(), model.disable_adapter() if reference is None else nullcontext():
+            ref_logps = completion_logps(reference or model, rollouts, temperature=cfg.temperature, rows=rows)
+    old_logps = None
+    if cfg.updates_per_batch > 1:
+        with torch.no_grad():
+            old_logps = completion_logps(model, rollouts, temperature=cfg.temperature, rows=rows)
+    times["reference_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    mask, adv = rollouts.mask[rows], advantages[rows]
+    chunks = [list(range(len(rows)))[i :: cfg.grad_accum] for i in range(cfg.grad_accum)]
+    chunks = [c for c in chunks if c]
+    for update in range(cfg.updates_per_batch):
+        totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
+        for chunk in chunks:
+            sub = [rows[i] for i in chunk]
+            logps, entropy = completion_logps(model, rollouts, temperature=cfg.temperature, rows=sub, with_entropy=True)
+            if update == 0:
+                # One engine samples and trains: any real gap between its log-probs and ours is a bug signal.
+                gap = (logps.detach() - rollouts.logps[sub]).abs()[mask[chunk]]
+                record["logp_diff_max"] = max(record.get("logp_diff_max", 0.0), float(gap.max()))
+            old = logps.detach() if old_logps is None else old_logps[chunk]
+            loss, stats = policy(logps, old, adv[chunk], mask[chunk], max_tokens=cfg.max_new_tokens, **eps)
+            kl_value = 0.0
+            if ref_logps is not None:
+                kl = KL_ESTIMATORS[cfg.kl_estimator](logps, ref_logps[chunk])
+                loss = loss + cfg.kl_coef * policy.reduce(kl, mask[chunk], max_tokens=cfg.max_new_tokens)
+                kl_value = float(masked_sum(kl.detach(), mask[chunk]) / mask[chunk].sum().clamp(min=1))
+            weight = len(chunk) / len(rows)
+            (loss * weight).backward()
+            totals["loss"] += float(loss.detach()) * weight
+            totals["kl"] += kl_value * weight
+            totals["clip_fraction"] += float(stats["clip_fraction"]) * weight
+            totals["entropy"] += float(masked_sum(entropy, mask[chunk]) / mask[chunk].sum().clamp(min=1)) * weight
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        if math.isfinite(totals["loss"]) and bool(torch.isfinite(grad_norm)):
+            optimizer.step()
+        else:
+            record["finite"] = False
+        optimizer.zero_grad(set_to_none=True)
+        record.update(totals, grad_norm=float(grad_norm))
+    times["update_s"] = time.perf_counter() - t
+    return record
