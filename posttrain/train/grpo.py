@@ -60,8 +60,17 @@ def _check(cfg: Any) -> None:
         raise ConfigError(f"grpo.kl_coef: must be >= 0, got {cfg.kl_coef}")
 
 
-def run_grpo(cfg: Any) -> dict[str, Any]:
-    """Run GRPO (or a variant) and write the run directory; returns the summary."""
+def make_reference(model: Any, cfg: Any) -> Any:
+    """The KL reference: none without KL; with LoRA none either (the base with adapters disabled serves, so no
+    second copy is held); else a frozen copy of the starting model."""
+    if cfg.kl_coef == 0 or cfg.lora_rank:
+        return None
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def run_grpo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
+    """Run GRPO (or a variant) and write the run directory; returns the summary. ``stop_after`` returns right
+    after that step, as if the process had died there (for resume tests)."""
     _check(cfg)
     run_dir = prepare_run_dir(cfg, "grpo")
     started = time.perf_counter()
@@ -70,10 +79,7 @@ def run_grpo(cfg: Any) -> dict[str, Any]:
     rows, dropped = _prompt_rows(cfg, tokenizer)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    # The reference: none without KL; with LoRA the base with adapters disabled; else a frozen copy.
-    reference = None
-    if cfg.kl_coef > 0 and not cfg.lora_rank:
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    reference = make_reference(model, cfg)
     policy = POLICY_LOSSES[cfg.loss]
     estimator = ESTIMATORS[
         ("dr_grpo" if cfg.loss == "dr_grpo" else "grpo") if cfg.advantage == "auto" else cfg.advantage
@@ -168,6 +174,9 @@ def run_grpo(cfg: Any) -> dict[str, Any]:
             )
         if ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps) and state["bad_in_row"] == 0:
             save_checkpoint(run_dir, step, model, optimizer, scheduler, state, keep=cfg.keep_checkpoints)
+        if stop_after is not None and step >= stop_after:
+            bar.close()
+            return {"stage": "grpo", "steps": step, "stopped_early": True}
     bar.close()
     save_model_dir(model, tokenizer, run_dir / "final")
     metrics = log.read()
