@@ -87,10 +87,10 @@ def _timed_steps(step_times: list[float], step_tokens: list[int], warmup: int) -
     return {
         "step_s": statistics.median(times),
         "tokens_per_step": statistics.mean(tokens),
-        # Median of per-step rates: robust to a step that another process delayed (both sides see the same
-        # sequences in the same steps, so per-step rates compare like with like).
-        "tokens_per_s": statistics.median(n / t for n, t in zip(tokens, times)),
-        "tokens_per_s_total": sum(tokens) / sum(times),
+        # Both sides train on the same sequences in the same steps, so total tokens over total time of the timed
+        # steps compares identical work; the median of per-step rates is kept for reference.
+        "tokens_per_s": sum(tokens) / sum(times),
+        "tokens_per_s_median_step": statistics.median(n / t for n, t in zip(tokens, times)),
         "timed_steps": len(times),
         "all_step_s": [round(t, 4) for t in step_times],
         "all_step_tokens": step_tokens,
@@ -470,6 +470,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retries", type=int, default=2, help="repeats of a disturbed run before keeping it anyway")
     p.add_argument("--timeout", type=float, default=900, help="seconds before a worker is killed")
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="markdown file to append to")
+    p.add_argument("--json", help="also write every run's raw results and the summary to this JSON file")
     p.add_argument("--no-write", action="store_true", help="print only; do not append to --out")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -550,9 +551,9 @@ def markdown_section(
         f" configuration: {args.repeats}, each run a fresh subprocess, interleaved with rotated order. Step time ="
         " end of one optimiser step to the end of the next (sampling, collation, forward, loss, backward, clip,"
         " optimiser, scheduler, per-step logging); tokenisation, model build, trainer construction and our"
-        " end-of-run checkpoint are excluded. Tokens = processed (non-padding) tokens; a run's tokens/s is the"
-        " median of its per-step rates (both sides train on the same sequences in the same steps). Medians over"
-        " runs.",
+        " end-of-run checkpoint are excluded. Tokens = processed (non-padding) tokens; a run's tokens/s is its"
+        " timed steps' tokens over their total time (both sides train on the same sequences in the same steps)."
+        " Medians over runs.",
         f"- fp32 matmul peak ({args.matmul_size}x{args.matmul_size} GEMM, threads: {info['threads']}; median over"
         f" {len(peak['runs'])} rounds of each round's median of 10): **{peak['flops'] / 1e9:.1f} GFLOP/s**"
         f" (min {min(peak['runs']) / 1e9:.1f}, max {max(peak['runs']) / 1e9:.1f}).",
@@ -669,6 +670,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("\n" + section)
     print(f"(benchmark wall time {time.perf_counter() - t_start:.0f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summary": summary, "matmul": peaks, "extra": extra}, indent=1))
     if not args.no_write:
         out = Path(args.out)
         if not out.exists():

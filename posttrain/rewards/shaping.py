@@ -16,4 +16,4 @@ def overlong_penalty(lengths: Tensor, *, max_tokens: int, buffer: int) -> Tensor
     if buffer <= 0:
         return torch.zeros(lengths.shape, dtype=torch.float32)
     over = (lengths.float() - (max_tokens - buffer)).clamp(min=0.0)
-    return -(over / buffer).clamp(max=1.0)
+    return (over / buffer).clamp(max=1.0).neg() + 0.0  # + 0.0 turns -0.0 into 0.0
