@@ -546,7 +546,7 @@ def markdown_section(
         f"- TRL {info['trl']}: `SFTConfig(bf16=False, gradient_checkpointing=False, packing=False, padding_free=False,"
         f" completion_only_loss=True, logging_steps=1, save_strategy='no', use_cpu=True)`; its default collator pads"
         f" each batch to its longest row (padding computed but not counted: {extra['trl_padding']}); optimizer"
-        f" `{extra.get('trl_optim', 'n/a')}`. Ours: packed, padding-free, per-sequence attention, AdamW foreach.",
+        f" `{extra.get('trl_optim', 'n/a')}`. Ours: packed, padding-free, per-sequence attention, AdamW fused.",
         f"- Timed: {args.warmup} warm-up steps excluded, then {args.steps} steps per run, runs per"
         f" configuration: {args.repeats}, each run a fresh subprocess, interleaved with rotated order. Step time ="
         " end of one optimiser step to the end of the next (sampling, collation, forward, loss, backward, clip,"
