@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from posttrain.advantages import ESTIMATORS, varied_groups
 from posttrain.data.batching import ResumableSampler
@@ -34,10 +33,10 @@ from posttrain.rewards import parse_rewards, score_completions
 from posttrain.rewards.shaping import overlong_penalty
 from posttrain.rollout import HFEngine, SamplingParams
 from posttrain.rollout.scoring import completion_logps
-from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from posttrain.train.loop import make_optimizer
+from posttrain.train.checkpoint import latest_checkpoint, save_checkpoint
+from posttrain.train.loop import make_optimizer, make_scheduler, restore_or_start
 from posttrain.train.metrics import MetricsLog
-from posttrain.train.stage import _model_for_training, peak_memory_mb, prepare_run_dir, save_model_dir
+from posttrain.train.stage import model_for_training, peak_memory_mb, prepare_run_dir, save_model_dir
 
 
 def _prompt_rows(cfg: Any, tokenizer: Any) -> tuple[list[dict], int]:
@@ -75,7 +74,7 @@ def run_grpo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
     run_dir = prepare_run_dir(cfg, "grpo")
     started = time.perf_counter()
     specs = parse_rewards(cfg.reward, cfg.reward_weights)
-    model, tokenizer = _model_for_training(cfg, "grpo")
+    model, tokenizer = model_for_training(cfg, "grpo")
     rows, dropped = _prompt_rows(cfg, tokenizer)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -90,23 +89,11 @@ def run_grpo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
     )
     engine = HFEngine(model, tokenizer)
     optimizer = make_optimizer(model, cfg)
-    scheduler = get_scheduler(
-        cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
-        optimizer,
-        num_warmup_steps=cfg.warmup_steps,
-        num_training_steps=cfg.max_steps,
-    )
+    scheduler = make_scheduler(optimizer, cfg)
     sampler = ResumableSampler(len(rows), seed=cfg.seed)
     log = MetricsLog(run_dir / "metrics.jsonl")
     state = {"step": 0, "skipped_steps": 0, "bad_in_row": 0, "sampler": sampler.state_dict(), "reward_failures": 0}
-    checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
-        sampler.load_state_dict(state["sampler"])
-        log.truncate_after(state["step"])
-    else:
-        log.reset()
-    resumed_from = state["step"] if checkpoint is not None else None
+    state, resumed_from = restore_or_start(run_dir, cfg, model, optimizer, scheduler, sampler, log, state)
     params_list = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="grpo", disable=not cfg.progress, unit="step")
     while state["step"] < cfg.max_steps:

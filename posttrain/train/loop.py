@@ -61,6 +61,38 @@ def make_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
     )
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Any) -> Any:
+    """Linear warm-up, then cosine, linear or constant, over ``cfg.max_steps`` (transformers' schedules)."""
+    return get_scheduler(
+        cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=cfg.warmup_steps,
+        num_training_steps=cfg.max_steps,
+    )
+
+
+def restore_or_start(
+    run_dir: Path,
+    cfg: Any,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    sampler: ResumableSampler,
+    log: MetricsLog,
+    state: dict,
+) -> tuple[dict, int | None]:
+    """With ``cfg.resume`` and a complete checkpoint: restore everything and cut the metrics log back to it.
+    Otherwise start the log afresh. Returns (state, step resumed from or None)."""
+    checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
+    if checkpoint is None:
+        log.reset()
+        return state, None
+    state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+    sampler.load_state_dict(state["sampler"])
+    log.truncate_after(state["step"])
+    return state, state["step"]
+
+
 def forward_backward(
     model: Any, batches: Sequence[PackedBatch], loss_fn: LossFn
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -117,25 +149,11 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device if params else torch.device("cpu")
     optimizer = make_optimizer(model, cfg)
-    scheduler = get_scheduler(
-        cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
-        optimizer,
-        num_warmup_steps=cfg.warmup_steps,
-        num_training_steps=cfg.max_steps,
-    )
+    scheduler = make_scheduler(optimizer, cfg)
     sampler = ResumableSampler(len(examples), seed=cfg.seed)
     log = MetricsLog(run_dir / "metrics.jsonl")
     state = {"step": 0, "skipped_steps": 0, "bad_in_row": 0, "tokens": 0, "sampler": sampler.state_dict()}
-
-    resumed_from = None
-    checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
-        sampler.load_state_dict(state["sampler"])
-        log.truncate_after(state["step"])
-        resumed_from = state["step"]
-    else:
-        log.reset()
+    state, resumed_from = restore_or_start(run_dir, cfg, model, optimizer, scheduler, sampler, log, state)
 
     micro = cfg.batch_size // cfg.grad_accum
     start_time, start_tokens, last_loss = time.perf_counter(), state["tokens"], None

@@ -57,7 +57,7 @@ def prepare_run_dir(cfg: Any, stage: str) -> Path:
     return run_dir
 
 
-def _model_for_training(cfg: Any, stage: str) -> tuple[Any, Any]:
+def model_for_training(cfg: Any, stage: str) -> tuple[Any, Any]:
     torch.manual_seed(cfg.seed)
     if cfg.model in FRESH_MODELS:
         from posttrain.models.tiny import build_model, build_tokenizer
@@ -91,7 +91,7 @@ def run_lm_stage(cfg: Any, *, stage: str) -> dict[str, Any]:
     """Train with the causal-LM loss (on completions for SFT, on everything for pretraining) and write the run."""
     run_dir = prepare_run_dir(cfg, stage)
     started = time.perf_counter()
-    model, tokenizer = _model_for_training(cfg, stage)
+    model, tokenizer = model_for_training(cfg, stage)
     kind = "text" if stage == "pretrain" else "sft"
     common = dict(
         max_length=cfg.max_length,
