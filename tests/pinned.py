@@ -47,25 +47,31 @@ def _rows() -> list[dict]:
 def pinned_grpo_curve() -> dict[str, list[float]]:
     """Four GRPO steps from the shipped base (2 prompts x 4 samples, lenient-correct + length rewards);
     returns the per-step reward means and gradient norms (the loss itself is ~0 at ratio 1 by construction)."""
-    from posttrain.config import GRPOConfig, build_config
     from posttrain.train.grpo import run_grpo
 
     with tempfile.TemporaryDirectory() as out:
-        values = {
-            "model": "builtin:tiny-base",
-            "data": "task:arithmetic:val",
-            "out": out,
-            "max_steps": 4,
-            "batch_prompts": 2,
-            "group_size": 4,
-            "max_new_tokens": 24,
-            "lr": 1e-4,
-            "log_every": 1,
-            "progress": False,
-            "seed": 0,
-            "reward": ["correct_lenient", "length_penalty"],
-            "reward_weights": [1.0, 0.5],
-        }
-        run_grpo(build_config(GRPOConfig, values, path="grpo"))
+        run_grpo(grpo_config(out))
         records = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     return {"reward_mean": [r["reward_mean"] for r in records], "grad_norm": [r["grad_norm"] for r in records]}
+
+
+def grpo_config(out: str | Path, **overrides: object) -> object:
+    """The small GRPO config shared by the pinned run and tests/test_grpo.py (2 prompts x 4 samples, 4 steps)."""
+    from posttrain.config import GRPOConfig, build_config
+
+    values = {
+        "model": "builtin:tiny-base",
+        "data": "task:arithmetic:val",
+        "out": str(out),
+        "max_steps": 4,
+        "batch_prompts": 2,
+        "group_size": 4,
+        "max_new_tokens": 24,
+        "lr": 1e-4,
+        "log_every": 1,
+        "progress": False,
+        "seed": 0,
+        "reward": ["correct_lenient", "length_penalty"],
+        "reward_weights": [1.0, 0.5],
+    }
+    return build_config(GRPOConfig, {**values, **overrides}, path="grpo")

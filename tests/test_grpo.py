@@ -6,29 +6,14 @@ import json
 
 import pytest
 import torch
+from pinned import grpo_config
 from safetensors.torch import load_file
 
-from posttrain.config import GRPOConfig, build_config
 from posttrain.train.grpo import run_grpo
 
 
 def cfg(out, **kw):
-    values = {
-        "model": "builtin:tiny-base",
-        "data": "task:arithmetic:val",
-        "out": str(out),
-        "max_steps": 4,
-        "batch_prompts": 2,
-        "group_size": 4,
-        "max_new_tokens": 24,
-        "lr": 1e-4,
-        "log_every": 1,
-        "progress": False,
-        "seed": 0,
-        "reward": ["correct_lenient", "length_penalty"],
-        "reward_weights": [1.0, 0.5],
-    }
-    return build_config(GRPOConfig, {**values, **kw}, path="grpo")
+    return grpo_config(out, **kw)
 
 
 def metrics(out):
