@@ -151,6 +151,11 @@ class GRPOConfig(LoopArgs, OptimArgs, ModelArgs):
     kl_estimator: Literal["k1", "k3"] = opt("k3", "per-token KL estimator")
     dynamic_sampling: bool = opt(False, "drop groups whose rewards are all equal (DAPO)")
     overlong_buffer: int = opt(0, "DAPO overlong shaping: penalty ramps over the last N tokens before the limit")
+    eval_every: int = opt(0, "held-out greedy accuracy every N steps (also before step 1 and after the last); 0 = off")
+    eval_data: str = opt(
+        "", "held-out rows {prompt, answer} for eval_every (default: the task's val split when data is task:NAME)"
+    )
+    eval_limit: int = opt(200, "held-out rows used by eval_every (the first N)")
 
 
 STAGE_CONFIGS: dict[str, type] = {

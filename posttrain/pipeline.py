@@ -11,7 +11,7 @@ A recipe is YAML::
 
     >>> recipe = load_recipe(QUICKSTART)
     >>> [s["name"] for s in recipe["stages"]]
-    ['pretrain', 'sft']
+    ['pretrain', 'sft', 'grpo']
 """
 
 from __future__ import annotations
@@ -150,6 +150,7 @@ def run_recipe(recipe: dict[str, Any], *, out: str | None = None, progress: bool
             record = {
                 "name": stage["name"],
                 "source": "trained",
+                "type": kind,
                 "model": previous,
                 "train": summary,
                 "run_dir": cfg.out,

@@ -62,8 +62,35 @@ def _read_metrics(run_dir: str | None) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
 
+def _rl_figure(plt: Any, stage: dict[str, Any]) -> Any:
+    """Reward (sampled completions) and held-out greedy accuracy against steps; completion length on the right."""
+    metrics = _read_metrics(stage["run_dir"])
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    series = [
+        ("reward_mean", "reward (mean of sampled completions)", "-"),
+        ("accuracy_strict", "strict accuracy of sampled completions", ":"),
+        ("eval_accuracy_strict", "held-out strict accuracy (greedy, val split)", "o-"),
+    ]
+    for key, label, style in series:
+        points = [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylim(-0.02, 1.02)
+    lengths = [(m["step"], m["completion_length"]) for m in metrics if m.get("completion_length") is not None]
+    if lengths:
+        right = ax.twinx()
+        right.plot(*zip(*lengths), color="grey", alpha=0.6, label="completion length (tokens)")
+        right.set_ylabel("tokens")
+        right.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.12, 1.0), fontsize=8)
+    ax.set_title(f"{stage['name']}: reward and accuracy")
+    return fig
+
+
 def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
-    """Write ``report.html``: stage table, loss curves of every trained stage, accuracy per stage."""
+    """Write ``report.html``: stage table, loss curves of every trained stage, reward and accuracy against steps
+    for RL stages, accuracy per stage."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,6 +114,8 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
             ax.legend()
         images.append(("Loss curves", _png(fig)))
         plt.close(fig)
+    for s in [s for s in trained if s.get("type") == "grpo"]:
+        images.append((f"{html.escape(s['name'])}: reward and accuracy against steps", _png(_rl_figure(plt, s))))
     fig, ax = plt.subplots(figsize=(6, 3.2))
     names = [s["name"] for s in stages]
     width = 0.27

@@ -104,3 +104,17 @@ def test_perplexity_of_uniform_model_is_vocab_size(tmp_path, tokenizer):
     data = tmp_path / "t.jsonl"
     data.write_text(json.dumps({"text": "hello world"}) + "\n")
     assert perplexity(model, tokenizer, str(data)) == pytest.approx(len(tokenizer), rel=1e-4)
+
+
+def test_arithmetic_style_mix_keeps_the_problems_and_answers_tersely():
+    from posttrain.tasks.arithmetic import ArithmeticTask
+
+    worked, mixed = ArithmeticTask(direct_fraction=0.0).rows("val"), ArithmeticTask().rows("val")
+    assert [r["question"] for r in worked] == [r["question"] for r in mixed]
+    direct = [r for r in mixed if "\n" not in r["completion"][0]["content"]]
+    assert 0.5 < len(direct) / len(mixed) < 0.7
+    assert all(r["completion"][0]["content"] == f"Answer: {r['answer']}" for r in direct)
+    task = ArithmeticTask()
+    assert all(task.score(r["completion"][0]["content"], r["answer"]) == (True, True) for r in mixed + worked)
+    with pytest.raises(ValueError, match="direct_fraction"):
+        ArithmeticTask(direct_fraction=1.5)

@@ -83,3 +83,34 @@ def test_dynamic_sampling_trains_only_on_varied_groups(tmp_path):
     run_grpo(cfg(tmp_path, dynamic_sampling=True, reward=["correct"], reward_weights=[], max_steps=3))
     for r in metrics(tmp_path):
         assert r["kept_completions"] == round((1 - r["zero_std_fraction"]) * 2) * 4
+
+
+def test_held_out_accuracy_is_logged_before_every_n_steps_and_after_the_last(tmp_path):
+    from posttrain.models.loading import load_model
+    from posttrain.rollout import HFEngine
+    from posttrain.tasks import get_task
+    from posttrain.train.grpo import held_out_accuracy
+
+    # The base copies text in capitals well and adds badly: uppercase rows give a non-trivial accuracy to check.
+    run_grpo(cfg(tmp_path, eval_every=3, eval_limit=6, eval_data="task:uppercase:val"))
+    evals = {r["step"]: r["eval_accuracy_strict"] for r in metrics(tmp_path) if "eval_accuracy_strict" in r}
+    assert sorted(evals) == [0, 3, 4]
+    model, tok = load_model(str(tmp_path / "final"))
+    rows = get_task("uppercase").rows("val", 6)
+    again = held_out_accuracy(HFEngine(model, tok), rows, max_new_tokens=24)
+    assert 0 < again["eval_accuracy_strict"] == evals[4]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["eval_accuracy_strict"] == evals[4]
+
+
+def test_held_out_accuracy_needs_rows_with_answers(tmp_path):
+    from posttrain.errors import ConfigError, DataError
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Write in capitals: dog", "answer": "DOG"}\n')
+    with pytest.raises(ConfigError, match="grpo.eval_data"):
+        run_grpo(cfg(tmp_path / "a", data=str(prompts), eval_every=1))
+    no_answer = tmp_path / "q.jsonl"
+    no_answer.write_text('{"prompt": "Write in capitals: dog"}\n')
+    with pytest.raises(DataError, match="q.jsonl:1.*answer"):
+        run_grpo(cfg(tmp_path / "b", data=str(prompts), eval_every=1, eval_data=str(no_answer)))

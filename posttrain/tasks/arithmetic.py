@@ -11,12 +11,21 @@ before it is used; each line carries the partial result, so the final answer is 
        4+8+1=13 -> 32
        0+2+1=3 -> 332
        Answer: 332
+
+Like real instruction data, the training rows mix two styles: a share of them (``direct_fraction``, 0.6 by
+default) answer tersely with only the final line ("Answer: 332"), the rest work the sum out as above. The style
+is fixed per question (a hash of its text), so the problems of every split are the same whatever the share. A
+model fine-tuned on the mix imitates the majority style and answers tersely, which a 1 M-parameter model gets
+right almost never; reinforcement learning with a verifiable reward then has a real behaviour to discover:
+working the problem out pays. The quickstart's GRPO stage shows exactly that (completion length and accuracy
+rise together). Evaluation never looks at the gold completion, only at the answer.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import zlib
 
 from posttrain.tasks.base import Task, last_integer
 
@@ -59,14 +68,28 @@ def column_addition(a: int, b: int, *, final: str = "Answer: ") -> str:
 
 
 class ArithmeticTask(Task):
-    """Addition word problems with 2- to 3-digit operands (configurable) and column-wise solutions."""
+    """Addition word problems with 2- to 3-digit operands (configurable); a ``direct_fraction`` of the rows
+    answer tersely, the rest carry column-wise solutions.
+
+    >>> task = ArithmeticTask(direct_fraction=0.5)
+    >>> styles = ["worked" if "+" in r["completion"][0]["content"] else "direct" for r in task.rows("test", 200)]
+    >>> styles.count("direct")
+    100
+    """
 
     name = "arithmetic"
-    description = "addition word problems, step-by-step column solutions"
-    version = 2
+    description = "addition word problems; terse answers and step-by-step column solutions"
+    version = 3
 
-    def __init__(self, min_digits: int = 2, max_digits: int = 3):
-        self.min_digits, self.max_digits = min_digits, max_digits
+    def __init__(self, min_digits: int = 2, max_digits: int = 3, direct_fraction: float = 0.6):
+        if not 0.0 <= direct_fraction <= 1.0:
+            raise ValueError(f"direct_fraction must be in [0, 1], got {direct_fraction}")
+        self.min_digits, self.max_digits, self.direct_fraction = min_digits, max_digits, direct_fraction
+
+    def is_direct(self, question: str) -> bool:
+        """Whether the row for ``question`` answers tersely: a stable hash of the text, not the row RNG, so the
+        problems drawn do not depend on ``direct_fraction``."""
+        return zlib.crc32(question.encode()) % 10_000 < self.direct_fraction * 10_000
 
     def _operand(self, rng: random.Random) -> int:
         digits = rng.randint(self.min_digits, self.max_digits)
@@ -76,7 +99,8 @@ class ArithmeticTask(Task):
         a, b = self._operand(rng), self._operand(rng)
         template = rng.choice(TEMPLATES)
         question = template.format(n=rng.choice(NAMES), t=rng.choice(THINGS), a=a, b=b)
-        return question, column_addition(a, b), str(a + b)
+        completion = f"Answer: {a + b}" if self.is_direct(question) else column_addition(a, b)
+        return question, completion, str(a + b)
 
     def strict_answer(self, completion: str) -> str | None:
         match = _STRICT.search(completion.strip())

@@ -24,7 +24,7 @@ from posttrain.advantages import ESTIMATORS, varied_groups
 from posttrain.data.batching import ResumableSampler
 from posttrain.data.encode import render_prompt
 from posttrain.data.rows import load_rows, validate_rows
-from posttrain.errors import ConfigError, TrainingError
+from posttrain.errors import ConfigError, DataError, TrainingError
 from posttrain.eval.harness import generic_score
 from posttrain.losses.kl import KL_ESTIMATORS
 from posttrain.losses.policy import POLICY_LOSSES
@@ -49,6 +49,33 @@ def _prompt_rows(cfg: Any, tokenizer: Any) -> tuple[list[dict], int]:
     if not kept:
         raise ConfigError(f"grpo.max_length: all {len(rows)} prompts are longer than {cfg.max_length} tokens")
     return [{k: v for k, v in r.items() if k not in ("completion", "question")} for r in kept], len(rows) - len(kept)
+
+
+def _eval_rows(cfg: Any) -> list[dict]:
+    """Held-out rows for ``eval_every``: ``eval_data``, else the task's val split when training on a task."""
+    if not cfg.eval_every:
+        return []
+    source = cfg.eval_data
+    if not source:
+        if not cfg.data.startswith("task:"):
+            raise ConfigError("grpo.eval_data: eval_every needs held-out rows with answers (give eval_data)")
+        source = "task:" + cfg.data.split(":")[1] + ":val"
+    rows = validate_rows(load_rows(source), "prompt", source=source, skip_bad_rows=False).rows
+    for i, row in enumerate(rows):
+        if "answer" not in row:
+            raise DataError(source, i + 1, "answer", "held-out rows for eval_every need an answer")
+    return rows[: cfg.eval_limit]
+
+
+def held_out_accuracy(engine: Any, rows: list[dict], max_new_tokens: int) -> dict[str, float]:
+    """Greedy strict and lenient accuracy of the engine's model on ``rows`` (scored by ``generic_score``)."""
+    prompts = [render_prompt(r, engine.tokenizer) for r in rows]
+    out = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens), seed=0)
+    scores = [generic_score(text, str(r["answer"])) for text, r in zip(out.texts, rows)]
+    return {
+        "eval_accuracy_strict": sum(s for s, _ in scores) / len(rows),
+        "eval_accuracy_lenient": sum(le for _, le in scores) / len(rows),
+    }
 
 
 def _check(cfg: Any) -> None:
@@ -76,6 +103,7 @@ def run_grpo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
     specs = parse_rewards(cfg.reward, cfg.reward_weights)
     model, tokenizer = model_for_training(cfg, "grpo")
     rows, dropped = _prompt_rows(cfg, tokenizer)
+    eval_rows = _eval_rows(cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     reference = make_reference(model, cfg)
@@ -95,6 +123,8 @@ def run_grpo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
     state = {"step": 0, "skipped_steps": 0, "bad_in_row": 0, "sampler": sampler.state_dict(), "reward_failures": 0}
     state, resumed_from = restore_or_start(run_dir, cfg, model, optimizer, scheduler, sampler, log, state)
     params_list = [p for p in model.parameters() if p.requires_grad]
+    if eval_rows and state["step"] == 0:
+        log.write({"step": 0, **held_out_accuracy(engine, eval_rows, cfg.max_new_tokens)})
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="grpo", disable=not cfg.progress, unit="step")
     while state["step"] < cfg.max_steps:
         step = state["step"] + 1
@@ -149,7 +179,10 @@ def run_grpo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
             skipped_steps=state["skipped_steps"],
             **{k: round(v, 4) for k, v in times.items()},
         )
-        if step % cfg.log_every == 0 or step == cfg.max_steps or not finite:
+        evaluated = bool(eval_rows) and (step % cfg.eval_every == 0 or step == cfg.max_steps)
+        if evaluated:
+            record.update(held_out_accuracy(engine, eval_rows, cfg.max_new_tokens))
+        if step % cfg.log_every == 0 or step == cfg.max_steps or not finite or evaluated:
             log.write(record)
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
@@ -179,7 +212,8 @@ def run_grpo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
         "prompts": len(rows),
         "dropped_long_prompts": dropped,
         "reward_failures": state["reward_failures"],
-        "final_reward_mean": metrics[-1]["reward_mean"] if metrics else None,
+        "final_reward_mean": metrics[-1].get("reward_mean") if metrics else None,
+        "eval_accuracy_strict": metrics[-1].get("eval_accuracy_strict") if eval_rows else None,
         "wall_s": round(time.perf_counter() - started, 3),
         "peak_memory_mb": round(peak_memory_mb(), 1),
     }
