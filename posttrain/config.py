@@ -138,6 +138,7 @@ class GRPOConfig(LoopArgs, OptimArgs, ModelArgs):
     group_size: int = opt(8, "completions sampled per prompt (G)")
     batch_prompts: int = opt(8, "prompts per step (N); a step trains on N * G completions")
     max_new_tokens: int = opt(96, "generation limit per completion")
+    min_new_tokens: int = opt(0, "EOS is not sampled before this many tokens (log-probs stay untruncated)")
     temperature: float = opt(1.0, "sampling temperature")
     top_p: float = opt(1.0, "nucleus sampling mass")
     loss: Literal["grpo", "dr_grpo", "dapo", "gspo"] = opt("grpo", "policy-loss variant")
@@ -151,6 +152,14 @@ class GRPOConfig(LoopArgs, OptimArgs, ModelArgs):
     kl_estimator: Literal["k1", "k3"] = opt("k3", "per-token KL estimator")
     dynamic_sampling: bool = opt(False, "drop groups whose rewards are all equal (DAPO)")
     overlong_buffer: int = opt(0, "DAPO overlong shaping: penalty ramps over the last N tokens before the limit")
+    rollout_dtype: Literal["auto", "float32", "bfloat16"] = opt(
+        "auto",
+        "weights used for sampling: auto = the trained weights themselves; bfloat16 = a bf16 copy refreshed after"
+        " every update (faster where bf16 matmuls are; rollout and trainer log-probs then differ by bf16 rounding)",
+    )
+    mixed_precision: Literal["no", "bf16"] = opt(
+        "no", "bf16: policy forward/backward under bf16 autocast (weights and optimiser stay in their dtype)"
+    )
     eval_every: int = opt(0, "held-out greedy accuracy every N steps (also before step 1 and after the last); 0 = off")
     eval_data: str = opt(
         "", "held-out rows {prompt, answer} for eval_every (default: the task's val split when data is task:NAME)"

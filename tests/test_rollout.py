@@ -75,6 +75,22 @@ def test_eos_ends_a_completion_and_length_limit(base):
     assert out.completion_ids[0, 3].item() == tok.eos_token_id
 
 
+def test_min_new_tokens_bans_eos_until_reached_and_keeps_untruncated_logps(base):
+    model, tok = base
+    engine, question = HFEngine(model, tok), prompts(tok, ["Write in capitals: dog"])
+    free = engine.generate(question, SamplingParams(temperature=0.0, max_new_tokens=12), seed=0)
+    assert free.completion_ids[0, 3].item() == tok.eos_token_id  # "DOG" then EOS
+    out = engine.generate(question, SamplingParams(temperature=0.0, max_new_tokens=12, min_new_tokens=8), seed=0)
+    assert out.texts[0].startswith("DOG") and out.lengths.item() >= 9
+    assert not (out.completion_ids[0, :8] == tok.eos_token_id).any()
+    with torch.no_grad():
+        trainer = completion_logps(model, out, temperature=1.0)
+    # The engine reports log-probs of the untruncated distribution: what the trainer recomputes. At position 3
+    # EOS was the likely token, so the token taken instead has a low log-prob.
+    assert (trainer - out.logps).abs()[out.mask].max() < 1e-4
+    assert out.logps[0, 3] < -1.0
+
+
 def test_stop_string(base):
     model, tok = base
     # Raw text in the corpus style: the base continues a story, then starts a new line.
@@ -99,3 +115,25 @@ def test_top_k_one_is_greedy_and_top_p_keeps_the_head():
     assert seen == {0, 1}
     _, logp = sample_tokens(logits, SamplingParams(top_p=0.5), g)
     assert_close(logp, torch.log_softmax(logits, -1)[:, 0])  # log-prob under the untruncated distribution
+
+
+def test_shared_prompt_training_forward_equals_unshared_values_and_gradients(base):
+    model, tok = base
+    out = HFEngine(model, tok).generate(
+        prompts(tok, QUESTIONS), SamplingParams(n=3, temperature=1.0, max_new_tokens=16), seed=2
+    )
+    assert len(set(out.lengths.tolist())) > 1  # completions of different lengths, prompts of different lengths
+    rows = [0, 2, 3, 5, 6, 7, 8]  # a subset, prompts interleaved, one prompt with a single completion
+    grads = []
+    for share in (True, False):
+        model.zero_grad()
+        logps, entropy = completion_logps(model, out, rows=rows, with_entropy=True, share_prompts=share)
+        (logps * torch.linspace(-1, 1, logps.shape[1])).sum().backward()
+        grads.append(({n: p.grad.clone() for n, p in model.named_parameters()}, logps.detach(), entropy))
+    (g_shared, lp_shared, ent_shared), (g_alone, lp_alone, ent_alone) = grads
+    assert_close(lp_shared, lp_alone, rtol=1e-5, atol=1e-5)
+    assert_close(ent_shared, ent_alone, rtol=1e-5, atol=1e-5)
+    for name, g in g_alone.items():  # fp32 sums in another order: equal up to a small fraction of the largest entry
+        assert_close(g_shared[name], g, rtol=1e-3, atol=1e-4 * float(g.abs().max()))
+    assert (lp_shared - out.logps[rows]).abs().max() < 1e-4
+    model.zero_grad()

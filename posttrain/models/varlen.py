@@ -41,10 +41,14 @@ def varlen_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """query (1, H, S, D), key/value (1, H_kv, S, D) -> (1, S, H, D); bounds = (0, end_1, ..., S)."""
-    bounds = kwargs.get("posttrain_bounds") or (0, query.shape[2])
+    """query (1, H, S, D), key/value (1, H_kv, S, D) -> (1, S, H, D); bounds = (0, end_1, ..., S), or
+    ``posttrain_groups`` for shared prefixes (see ``prefix_attention``)."""
     gqa = query.shape[1] != key.shape[1]
     p = dropout if module.training else 0.0
+    if kwargs.get("posttrain_groups"):
+        out = prefix_attention(query, key, value, kwargs["posttrain_groups"], scale=scaling, dropout_p=p, gqa=gqa)
+        return out.transpose(1, 2).contiguous(), None
+    bounds = kwargs.get("posttrain_bounds") or (0, query.shape[2])
     # split (not per-sequence slicing): one backward op per tensor instead of a full-size zero-fill per slice.
     lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
     parts = [
@@ -53,6 +57,46 @@ def varlen_attention(
     ]
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     return out.transpose(1, 2).contiguous(), None
+
+
+def prefix_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    groups: tuple[tuple[int, tuple[int, ...]], ...],
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    gqa: bool = False,
+) -> torch.Tensor:
+    """Attention for packed groups that share a prefix: (1, H, S, D) -> (1, H, S, D).
+
+    A group is ``(prefix_length, branch_lengths)`` laid out contiguously as [prefix][branch 1][branch 2]...;
+    groups follow each other. The prefix attends causally to itself; every branch attends to the whole prefix
+    and causally to itself, never to another branch. So G completions of one prompt are trained with the prompt
+    computed once, and each completion sees exactly what it would see packed alone after its own prompt copy.
+    """
+    lengths = [n for prefix, branches in groups for n in (prefix, *branches)]
+    qs, ks, vs = query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)
+    out, i = [], 0
+    for prefix, branches in groups:
+        kp, vp = ks[i], vs[i]
+        out.append(
+            F.scaled_dot_product_attention(
+                qs[i], kp, vp, is_causal=True, scale=scale, dropout_p=dropout_p, enable_gqa=gqa
+            )
+        )
+        for j, n in enumerate(branches, start=i + 1):
+            # Row r of the branch sees the prefix and branch positions <= r (bottom-right aligned causal mask).
+            mask = torch.ones(n, prefix + n, dtype=torch.bool, device=query.device).tril(diagonal=prefix)
+            k, v = torch.cat([kp, ks[j]], dim=2), torch.cat([vp, vs[j]], dim=2)
+            out.append(
+                F.scaled_dot_product_attention(
+                    qs[j], k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p, enable_gqa=gqa
+                )
+            )
+        i += 1 + len(branches)
+    return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
 
 AttentionInterface.register(NAME, varlen_attention)

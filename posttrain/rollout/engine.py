@@ -24,17 +24,21 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from transformers.cache_utils import Cache, DynamicLayer
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample. ``temperature`` 0 means greedy; ``top_k`` 0 and ``top_p`` 1 mean no truncation."""
+    """How to sample. ``temperature`` 0 means greedy; ``top_k`` 0 and ``top_p`` 1 mean no truncation;
+    before ``min_new_tokens`` tokens EOS cannot be sampled (like top-k, a truncation: the returned log-probs stay
+    those of the untruncated distribution)."""
 
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 64
+    min_new_tokens: int = 0
     stop: tuple[str, ...] = ()
 
 
@@ -68,15 +72,21 @@ class RolloutEngine(Protocol):
         ...
 
 
-def sample_tokens(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Sample one token per row from (B, V) logits; returns (tokens (B,), their log-probs under logits / T)."""
+def sample_tokens(
+    logits: Tensor, params: SamplingParams, generator: torch.Generator, *, banned: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Sample one token per row from (B, V) logits, never the ``banned`` id; returns (tokens (B,), their
+    log-probs under logits / T, before any truncation)."""
     logits = logits.float()
     if params.temperature <= 0:
-        tokens = logits.argmax(-1)
+        pick = logits if banned is None else logits.index_fill(-1, torch.tensor([banned], device=logits.device), -1e30)
+        tokens = pick.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
     scaled = logits / params.temperature
     logps_all = torch.log_softmax(scaled, -1)
     filtered = scaled
+    if banned is not None:
+        filtered = filtered.index_fill(-1, torch.tensor([banned], device=filtered.device), float("-inf"))
     if params.top_k > 0:
         kth = torch.topk(filtered, min(params.top_k, filtered.shape[-1]), dim=-1).values[:, -1:]
         filtered = filtered.masked_fill(filtered < kth, float("-inf"))
@@ -89,13 +99,71 @@ def sample_tokens(logits: Tensor, params: SamplingParams, generator: torch.Gener
     return tokens, logps_all.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+class PreallocatedLayer(DynamicLayer):
+    """A KV-cache layer that writes each step into buffers allocated once per generation call.
+
+    ``DynamicLayer`` concatenates the new keys and values onto the old ones at every token, copying the whole
+    cache each step; this layer copies only the new token's entries and hands out views of the filled part."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, d = key_states.shape
+        self._keys = key_states.new_empty(b, h, self.capacity, d)
+        self._values = value_states.new_empty(b, value_states.shape[1], self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def _views(self) -> tuple[Tensor, Tensor]:
+        self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
+        return self.keys, self.values
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if self.length + n > self.capacity:
+            raise RuntimeError(f"KV cache capacity {self.capacity} exceeded")
+        self._keys[:, :, self.length : self.length + n] = key_states
+        self._values[:, :, self.length : self.length + n] = value_states
+        self.length += n
+        return self._views()
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._keys = self._keys.repeat_interleave(repeats, dim=0)
+            self._values = self._values.repeat_interleave(repeats, dim=0)
+            self._views()
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if self.is_initialized:
+            self._keys, self._values = self._keys[indices], self._values[indices]
+            self._views()
+
+
+def make_cache(model: Any, capacity: int) -> Any:
+    """A preallocated KV cache for plain full-attention decoders; ``None`` (the model's default cache) for
+    architectures with sliding-window or other layer types."""
+    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = getattr(config, "layer_types", None) or ["full_attention"]
+    if getattr(config, "sliding_window", None) or any(t != "full_attention" for t in types):
+        return None
+    return Cache(layers=[PreallocatedLayer(capacity) for _ in range(config.num_hidden_layers)])
+
+
 class HFEngine:
     """The built-in engine: any HF causal LM, KV cache, shared prefill, early exit when all rows finish."""
 
     def __init__(self, model: Any, tokenizer: Any, *, share_prefill: bool = True):
         self.model, self.tokenizer, self.share_prefill = model, tokenizer, share_prefill
 
-    def _prefill(self, prompt_ids: list[list[int]]) -> tuple[Tensor, Tensor, Any]:
+    def _prefill(self, prompt_ids: list[list[int]], max_new_tokens: int) -> tuple[Tensor, Tensor, Any]:
         """Left-padded prefill: (last-position logits (N, V), attention mask (N, P), cache)."""
         pad = self.tokenizer.pad_token_id
         width = max(len(p) for p in prompt_ids)
@@ -103,7 +171,8 @@ class HFEngine:
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=device)
         attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        cache = make_cache(self.model, width + max_new_tokens)
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
         return out.logits[:, -1], attn, out.past_key_values
 
     @torch.no_grad()
@@ -122,13 +191,13 @@ class HFEngine:
         g = params.n
         prompt_index = [i for i in range(len(prompts)) for _ in range(g)]
         if self.share_prefill:
-            logits, attn, cache = self._prefill(prompt_ids)
+            logits, attn, cache = self._prefill(prompt_ids, params.max_new_tokens)
             # The G samples of a prompt reuse its prefill: repeat the cache rows instead of recomputing them.
             logits, attn = logits.repeat_interleave(g, 0), attn.repeat_interleave(g, 0)
             cache.batch_repeat_interleave(g)
             passes = 1
         else:
-            logits, attn, cache = self._prefill([prompt_ids[i] for i in prompt_index])
+            logits, attn, cache = self._prefill([prompt_ids[i] for i in prompt_index], params.max_new_tokens)
             passes = 1
         generator = torch.Generator(device=logits.device).manual_seed(seed)
         b, device = len(prompt_index), logits.device
@@ -140,10 +209,11 @@ class HFEngine:
         active = torch.arange(b, device=device)  # rows still generating, in cache order
         positions = attn.sum(-1)
         for t in range(params.max_new_tokens):
-            new, new_logps = sample_tokens(logits, params, generator)
+            banned = eos if t < params.min_new_tokens else None
+            new, new_logps = sample_tokens(logits, params, generator, banned=banned)
             tokens[active, t], logps[active, t], mask[active, t] = new, new_logps, True
             done = new == eos
-            if params.stop:
+            if params.stop and t + 1 >= params.min_new_tokens:
                 done |= self._hit_stop(tokens, mask, active, params.stop)
             for row in active[done].tolist():
                 finish[row] = "stop"

@@ -11,36 +11,72 @@ from typing import Any
 
 import torch
 
-from posttrain.data.batching import pack
-from posttrain.data.encode import Example
 from posttrain.losses.logprobs import token_logps
 from posttrain.models.varlen import packed_attention
 from posttrain.rollout.engine import Rollouts
 
 
 def completion_logps(
-    model: Any, rollouts: Rollouts, *, temperature: float = 1.0, rows: Any = None, with_entropy: bool = False
+    model: Any,
+    rollouts: Rollouts,
+    *,
+    temperature: float = 1.0,
+    rows: Any = None,
+    with_entropy: bool = False,
+    share_prompts: bool = True,
 ) -> Any:
     """(b, T) log-probs of the completion tokens of ``rows`` (default: all) under ``model``, one packed forward;
     with ``with_entropy`` also the (b, T) entropy of each token's distribution (detached).
 
-    Positions past a completion's end are 0. Gradient flows when called outside ``torch.no_grad()``.
+    With ``share_prompts`` the completions of one prompt are packed after a single copy of it and attend to it
+    through ``prefix_attention``: the prompt's tokens go through the model once instead of once per completion,
+    and the numbers (and gradients) are those of the unshared computation. Positions past a completion's end are
+    0. Gradient flows when called outside ``torch.no_grad()``.
     """
     rows = list(range(len(rollouts.prompt_index))) if rows is None else list(rows)
-    examples = []
-    for r in rows:
-        prompt = rollouts.prompt_ids[rollouts.prompt_index[r]]
-        completion = rollouts.completion_ids[r][rollouts.mask[r]].tolist()
-        examples.append(Example(prompt + completion, [False] * len(prompt) + [True] * len(completion)))
-    batch = pack(examples).to(rollouts.completion_ids.device)
+    members: dict[Any, list[int]] = {}
+    for pos, r in enumerate(rows):
+        members.setdefault(rollouts.prompt_index[r] if share_prompts else ("row", pos), []).append(pos)
+    ids: list[int] = []
+    positions: list[int] = []
+    groups: list[tuple[int, tuple[int, ...]]] = []
+    logit_at: list[list[int]] = [[] for _ in rows]  # where each completion token's predicting logit sits
+    targets: list[list[int]] = [[] for _ in rows]
+    for poss in members.values():
+        prompt = rollouts.prompt_ids[rollouts.prompt_index[rows[poss[0]]]]
+        start, n_prompt = len(ids), len(prompt)
+        ids += prompt
+        positions += range(n_prompt)
+        branches = []
+        for pos in poss:
+            completion = rollouts.completion_ids[rows[pos]][rollouts.mask[rows[pos]]].tolist()
+            branch = len(ids)
+            ids += completion
+            positions += range(n_prompt, n_prompt + len(completion))
+            # The first completion token is predicted by the prompt's last position, the rest by their own branch.
+            logit_at[pos] = [start + n_prompt - 1, *range(branch, branch + len(completion) - 1)]
+            targets[pos] = completion
+            branches.append(len(completion))
+        groups.append((n_prompt, tuple(branches)))
+    device = rollouts.completion_ids.device
+    if share_prompts:
+        layout: dict[str, Any] = {"posttrain_groups": tuple(groups)}
+    else:
+        ends = [0]
+        for prefix, (branch,) in groups:
+            ends.append(ends[-1] + prefix + branch)
+        layout = {"posttrain_bounds": tuple(ends)}
     with packed_attention(model):
         logits = model(
-            input_ids=batch.input_ids, position_ids=batch.position_ids, posttrain_bounds=batch.bounds, use_cache=False
+            input_ids=torch.tensor([ids], device=device),
+            position_ids=torch.tensor([positions], device=device),
+            use_cache=False,
+            **layout,
         ).logits
     scale = temperature if temperature > 0 else 1.0
-    scaled = logits / scale
-    where = batch.target_mask[0]
-    flat = token_logps(scaled, batch.targets)[0][where]
+    index = torch.tensor([i for row in logit_at for i in row], device=device)
+    scaled = logits[0, index] / scale
+    flat = token_logps(scaled[None], torch.tensor([[t for row in targets for t in row]], device=device))[0]
     sub_mask = rollouts.mask[rows]
     out = torch.zeros(len(rows), rollouts.mask.shape[1], dtype=flat.dtype, device=flat.device).masked_scatter(
         sub_mask, flat
@@ -48,6 +84,6 @@ def completion_logps(
     if not with_entropy:
         return out
     with torch.no_grad():
-        logp_all = torch.log_softmax(scaled[0][where].float(), -1)
+        logp_all = torch.log_softmax(scaled.float(), -1)
         ent = -(logp_all.exp() * logp_all).sum(-1)
     return out, torch.zeros_like(out).masked_scatter(sub_mask, ent)

@@ -94,6 +94,23 @@ def make_reference(model: Any, cfg: Any) -> Any:
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
+def rollout_model(model: Any, cfg: Any) -> Any:
+    """The model the engine samples from: the trained model itself, or a copy in ``rollout_dtype``."""
+    want = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.rollout_dtype]
+    if want is None or next(model.parameters()).dtype == want:
+        return model
+    return copy.deepcopy(model).to(want).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def sync_weights(source: Any, target: Any) -> None:
+    """Copy ``source``'s parameters and buffers into ``target`` (same architecture, any dtype)."""
+    for a, b in zip(source.parameters(), target.parameters()):
+        b.copy_(a)
+    for a, b in zip(source.buffers(), target.buffers()):
+        b.copy_(a)
+
+
 def run_grpo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
     """Run GRPO (or a variant) and write the run directory; returns the summary. ``stop_after`` returns right
     after that step, as if the process had died there (for resume tests)."""
@@ -113,9 +130,12 @@ def run_grpo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
     ]
     eps = {"eps_low": cfg.epsilon_low or None, "eps_high": cfg.epsilon_high or None}
     params = SamplingParams(
-        n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens
+        n=cfg.group_size,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+        min_new_tokens=cfg.min_new_tokens,
     )
-    engine = HFEngine(model, tokenizer)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     sampler = ResumableSampler(len(rows), seed=cfg.seed)
@@ -123,11 +143,14 @@ def run_grpo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
     state = {"step": 0, "skipped_steps": 0, "bad_in_row": 0, "sampler": sampler.state_dict(), "reward_failures": 0}
     state, resumed_from = restore_or_start(run_dir, cfg, model, optimizer, scheduler, sampler, log, state)
     params_list = [p for p in model.parameters() if p.requires_grad]
+    sampler_model = rollout_model(model, cfg)
+    engine, eval_engine = HFEngine(sampler_model, tokenizer), HFEngine(model, tokenizer)
     if eval_rows and state["step"] == 0:
-        log.write({"step": 0, **held_out_accuracy(engine, eval_rows, cfg.max_new_tokens)})
+        log.write({"step": 0, **held_out_accuracy(eval_engine, eval_rows, cfg.max_new_tokens)})
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="grpo", disable=not cfg.progress, unit="step")
     while state["step"] < cfg.max_steps:
         step = state["step"] + 1
+        step_started = time.perf_counter()
         batch_rows = [rows[i] for i in sampler.take(cfg.batch_prompts)]
         times: dict[str, float] = {}
         t = time.perf_counter()
@@ -156,6 +179,8 @@ def run_grpo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
             model, reference, rollouts, advantages, keep, cfg, policy, eps, optimizer, params_list, times
         )
         finite = record.pop("finite")
+        if sampler_model is not model:
+            sync_weights(model, sampler_model)
         if finite:
             state["bad_in_row"] = 0
         else:
@@ -178,10 +203,11 @@ def run_grpo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
             reward_failures=state["reward_failures"],
             skipped_steps=state["skipped_steps"],
             **{k: round(v, 4) for k, v in times.items()},
+            step_s=round(time.perf_counter() - step_started, 4),
         )
         evaluated = bool(eval_rows) and (step % cfg.eval_every == 0 or step == cfg.max_steps)
         if evaluated:
-            record.update(held_out_accuracy(engine, eval_rows, cfg.max_new_tokens))
+            record.update(held_out_accuracy(eval_engine, eval_rows, cfg.max_new_tokens))
         if step % cfg.log_every == 0 or step == cfg.max_steps or not finite or evaluated:
             log.write(record)
         bar.update(1)
@@ -237,6 +263,8 @@ def update_policy(
     """Reference and old log-probs, then ``updates_per_batch`` clipped policy updates over the kept completions."""
     rows = keep.nonzero().squeeze(-1).tolist()
     record: dict[str, Any] = {"finite": True, "kept_completions": len(rows)}
+    device = next(model.parameters()).device
+    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")  # noqa: E731
     if not rows:  # every group had equal rewards: nothing to learn from this batch
         record.update(
             loss=0.0, kl=0.0, clip_fraction=0.0, entropy=None, logp_diff_max=None, update_s=0.0, reference_s=0.0
@@ -245,11 +273,11 @@ def update_policy(
     t = time.perf_counter()
     ref_logps = None
     if cfg.kl_coef > 0:
-        with torch.no_grad(), model.disable_adapter() if reference is None else nullcontext():
+        with torch.no_grad(), amp(), model.disable_adapter() if reference is None else nullcontext():
             ref_logps = completion_logps(reference or model, rollouts, temperature=cfg.temperature, rows=rows)
     old_logps = None
     if cfg.updates_per_batch > 1:
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             old_logps = completion_logps(model, rollouts, temperature=cfg.temperature, rows=rows)
     times["reference_s"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -260,7 +288,10 @@ def update_policy(
         totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
         for chunk in chunks:
             sub = [rows[i] for i in chunk]
-            logps, entropy = completion_logps(model, rollouts, temperature=cfg.temperature, rows=sub, with_entropy=True)
+            with amp():
+                logps, entropy = completion_logps(
+                    model, rollouts, temperature=cfg.temperature, rows=sub, with_entropy=True
+                )
             if update == 0:
                 # One engine samples and trains: any real gap between its log-probs and ours is a bug signal.
                 gap = (logps.detach() - rollouts.logps[sub]).abs()[mask[chunk]]
