@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "posttrain_varlen"
 
@@ -101,6 +103,38 @@ def prefix_attention(
 
 AttentionInterface.register(NAME, varlen_attention)
 
+DECODE_NAME = "posttrain_decode"
+
+
+def decode_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Generation attention: one query token per row (a decode step) is two small matmuls and a softmax, which
+    on CPU beats the fused SDPA kernels' per-call overhead (most of all in bf16); prefill goes to SDPA."""
+    if query.shape[2] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale  # (B, H, 1, L)
+    if attention_mask is not None:
+        mask = attention_mask[..., -key.shape[2] :]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(DECODE_NAME, decode_attention)
+AttentionMaskInterface.register(DECODE_NAME, sdpa_mask)
+
 
 def _base_config(model: Any) -> Any:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -108,13 +142,25 @@ def _base_config(model: Any) -> Any:
 
 
 @contextmanager
-def packed_attention(model: Any) -> Iterator[None]:
-    """Use per-sequence attention inside the block, and restore the model's own implementation after it (so a
-    saved config never names an implementation that plain ``transformers`` lacks)."""
+def attention_implementation(model: Any, name: str) -> Iterator[None]:
+    """Use attention implementation ``name`` inside the block, and restore the model's own after it (so a saved
+    config never names an implementation that plain ``transformers`` lacks)."""
     config = _base_config(model)
     previous = config._attn_implementation
-    config._attn_implementation = NAME
+    config._attn_implementation = name
     try:
         yield
     finally:
         config._attn_implementation = previous
+
+
+def packed_attention(model: Any) -> Any:
+    """Per-sequence (or shared-prefix) attention for packed rows inside the block."""
+    return attention_implementation(model, NAME)
+
+
+def decoding_attention(model: Any) -> Any:
+    """``decode_attention`` inside the block, for models that use SDPA (others keep their own)."""
+    if _base_config(model)._attn_implementation != "sdpa":
+        return attention_implementation(model, _base_config(model)._attn_implementation)
+    return attention_implementation(model, DECODE_NAME)

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 
+from posttrain.models.varlen import decoding_attention
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -181,7 +183,8 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            return self._generate(prompts, params, seed)
+            with decoding_attention(self.model):
+                return self._generate(prompts, params, seed)
         finally:
             self.model.train(was_training)
 
