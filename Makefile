@@ -32,6 +32,8 @@ lint: $(VENV)/.test
 bench: $(VENV)/.base
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/bench_sft.py
+	$(PY) benchmarks/bench_grpo.py --precision fp32
+	$(PY) benchmarks/bench_grpo.py --precision bf16
 
 clean:
 	rm -rf $(VENV) runs

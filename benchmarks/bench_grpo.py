@@ -321,7 +321,8 @@ def run_gen_hf(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_matmul(spec: dict[str, Any]) -> dict[str, Any]:
     meter = LoadMeter().start()
-    flops = matmul_peak_flops(threads=spec["threads"], size=2048, repeats=10)
+    dtype = "bfloat16" if spec["precision"] == "bf16" else "float32"
+    flops = matmul_peak_flops(threads=spec["threads"], size=2048, repeats=10, dtype=dtype)
     return {"peak_flops": flops, **meter.stop()}
 
 
@@ -445,10 +446,17 @@ def report(
         "",
         f"Machine: {machine.get('cpu', '?')}, {args.threads} threads; torch {machine.get('torch', '?')}, "
         f"transformers {machine.get('transformers', '?')}, trl {machine.get('trl', '?')}. Model: {args.model} "
-        f"(random init, fp32). 1 prompt x G={args.group_size}, exactly {args.new_tokens} new tokens, no KL, "
+        f"(random init). 1 prompt x G={args.group_size}, exactly {args.new_tokens} new tokens, no KL, "
         f"one update per batch, DAPO token-mean loss, reward = digit share. Medians of {args.repeats} interleaved "
-        f"runs x {args.steps} timed steps (after {args.warmup} warm-up). fp32 matmul peak (2048 GEMM, same "
-        f"rounds): {peak / 1e9:.1f} GFLOP/s.",
+        f"runs x {args.steps} timed steps (after {args.warmup} warm-up). Precision: {args.precision} ("
+        + (
+            "both sides fp32"
+            if args.precision == "fp32"
+            else "TRL bf16=True (autocast); ours bf16 rollout copy "
+            "+ bf16 autocast for the update; weights and optimiser fp32 on both"
+        )
+        + f"). Matmul peak, the MFU denominator ({'bf16' if args.precision == 'bf16' else 'fp32'} 2048 GEMM, "
+        f"same rounds): {peak / 1e9:.1f} GFLOP/s.",
         "",
         "| GRPO step | step s | generate s | reward s | update s | MFU | peak RSS MiB | other cores |",
         "|---|---|---|---|---|---|---|---|",
@@ -463,7 +471,9 @@ def report(
         lines.append(
             f"| {label} | {step:.3f} | {_median(rs, 'generate_s'):.3f} | {_median(rs, 'reward_s'):.4f} | "
             f"{_median(rs, 'update_s'):.3f} | {100 * mfu:.1f}% | {_median(rs, 'peak_rss_mib'):,.0f} | "
-            f"{max(others) if others else '-'} |"
+            f"{max(others):.2f} |"
+            if others
+            else "- |"
         )
     lines += ["", "| rollout (1 prompt x 8 x 64) | s per call | tokens/s |", "|---|---|---|"]
     for side, label in [("gen_ours", "posttrain HFEngine"), ("gen_hf", "model.generate(num_return_sequences=8)")]:

@@ -67,15 +67,15 @@ def machine_info(threads: int) -> dict[str, str]:
     }
 
 
-def matmul_peak_flops(*, threads: int, size: int = 2048, repeats: int = 10) -> float:
-    """Median fp32 GEMM rate (FLOP/s) of a ``size`` x ``size`` matmul on ``threads`` threads."""
+def matmul_peak_flops(*, threads: int, size: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+    """Median GEMM rate (FLOP/s) of a ``size`` x ``size`` matmul in ``dtype`` on ``threads`` threads."""
     import torch
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=g)
-    b = torch.randn(size, size, generator=g)
-    out = torch.empty(size, size)
+    a = torch.randn(size, size, generator=g).to(getattr(torch, dtype))
+    b = torch.randn(size, size, generator=g).to(getattr(torch, dtype))
+    out = torch.empty(size, size, dtype=getattr(torch, dtype))
     for _ in range(2):
         torch.mm(a, b, out=out)
     rates = []
