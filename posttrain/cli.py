@@ -36,9 +36,15 @@ def _flag_value(raw: str, tp: Any, flag: str) -> Any:
         if tp is float:
             return float(raw)
         if origin is list:
-            return [x for x in raw.split(",") if x]
+            item = typing.get_args(tp)[0]
+            return [item(x.strip()) if item in (int, float) else x for x in raw.split(",") if x.strip()]
     except ValueError:
-        kind = "an integer" if tp is int else "a number"
+        item = typing.get_args(tp)[0] if origin is list else tp
+        kind = (
+            ("a list of integers" if item is int else "a list of numbers")
+            if origin is list
+            else ("an integer" if tp is int else "a number")
+        )
         raise ConfigError(f"{flag}: expected {kind}, got {raw!r}") from None
     return raw
 
@@ -109,8 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True)
     gen.add_argument("--prompt", action="append", default=[], help="a user message (repeatable)")
     gen.add_argument("--raw", action="store_true", help="use prompts as raw text (no chat template)")
-    gen.add_argument("--strategy", choices=["greedy", "sample"], default="greedy")
+    gen.add_argument(
+        "--strategy",
+        choices=["greedy", "sample", "best_of_n", "self_consistency", "beam", "tree"],
+        default="greedy",
+        help="decoding or search strategy (search strategies print the chosen completion and its candidates)",
+    )
     gen.add_argument("--n", type=int, default=1)
+    gen.add_argument("--scorer", default="logprob", help="search scorer(s), comma-separated")
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--max-new-tokens", type=int, default=96)
     gen.add_argument("--seed", type=int, default=0)
@@ -133,6 +145,28 @@ def _generate(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.model)
     torch.manual_seed(args.seed)
     rows = [{"prompt": p if args.raw else [{"role": "user", "content": p}]} for p in args.prompt]
+    if args.strategy not in ("greedy", "sample"):
+        from posttrain.search import SearchSpec, search
+
+        spec = SearchSpec(
+            strategy=args.strategy,
+            n=args.n,
+            temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens,
+            scorer=tuple(args.scorer.split(",")),
+            seed=args.seed,
+        )
+        results = search(model, tokenizer, rows, spec)
+        print(
+            json.dumps(
+                [
+                    {"prompt": p, "completion": r.completion, "candidates": r.candidates, "tokens": r.tokens}
+                    for p, r in zip(args.prompt, results)
+                ],
+                indent=1,
+            )
+        )
+        return
     prompts = [render_prompt(r, tokenizer) for r in rows]
     outs = generate_texts(
         model,

@@ -109,10 +109,29 @@ class EvalConfig:
     task: str = opt("", "built-in task name (its test split); or give data")
     data: str = opt("", "rows with prompt and answer (.jsonl/.parquet/.csv)")
     out: str = opt("", "write results JSON here")
-    strategy: Literal["greedy", "sample"] = opt("greedy", "decoding strategy")
-    n: int = opt(1, "samples per prompt (pass@k is reported for k = 1, 2, 4 ... n)")
-    temperature: float = opt(1.0, "sampling temperature (strategy sample)")
-    top_p: float = opt(1.0, "nucleus sampling mass (strategy sample)")
+    strategy: Literal["greedy", "sample", "best_of_n", "self_consistency", "beam", "tree", "hybrid"] = opt(
+        "greedy", "decoding or search strategy (see posttrain.search)"
+    )
+    n: int = opt(
+        1,
+        "sample: samples per prompt (pass@k for k = 1, 2, 4 ... n); best_of_n/self_consistency/hybrid: candidates;"
+        " beam: width; tree: children per node",
+    )
+    temperature: float = opt(1.0, "sampling temperature (sampling strategies)")
+    top_p: float = opt(1.0, "nucleus sampling mass (sampling strategies)")
+    scorer: list[str] = opt(
+        ["logprob"],
+        "search scorer/value function: logprob (mean token log-prob) or reward functions without the gold answer"
+        " (e.g. arithmetic_steps, format, module:function)",
+    )
+    weighted: bool = opt(False, "self_consistency: weight each vote by its score (exp(mean log-prob) for logprob)")
+    length_penalty: float = opt(1.0, "beam: score = log-prob / length ** length_penalty")
+    delimiter: str = opt("\n", "tree: text that ends a step")
+    keep: int = opt(2, "tree: nodes kept per level (beam over steps)")
+    token_budget: int = opt(0, "tree: generated tokens per question at most; 0 = n * keep * max_new_tokens")
+    helper_model: str = opt("", "hybrid: the second model (same tokenizer)")
+    helper_role: Literal["propose", "score"] = opt("propose", "hybrid: the helper proposes (main scores) or scores")
+    scaling: list[int] = opt([], "accuracy-vs-compute curve: run the strategy at each n (e.g. 1,2,4,8,16)")
     max_new_tokens: int = opt(96, "generation limit")
     limit: int = opt(0, "evaluate only the first N rows; 0 = all")
     batch_size: int = opt(256, "prompts per generation batch")
@@ -189,6 +208,13 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
+def _number(text: str, tp: type) -> Any:
+    try:
+        return tp(text)
+    except ValueError:
+        return text  # coerce reports it with the key's path
+
+
 def coerce(value: Any, tp: Any, path: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints widen to floats, nothing else is converted."""
     origin = typing.get_origin(tp)
@@ -199,11 +225,14 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
     if origin is Literal:
         ok = value in typing.get_args(tp)
     elif origin is list:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
+        item = typing.get_args(tp)[0]
+        if isinstance(value, str):  # "1,2,4" from the command line or --set
+            value = [v.strip() for v in value.split(",") if v.strip()]
+            if item in (int, float):
+                value = [_number(v, item) for v in value]
         ok = isinstance(value, list)
         if ok:
-            value = [coerce(v, typing.get_args(tp)[0], f"{path}[{i}]") for i, v in enumerate(value)]
+            value = [coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
     elif tp is bool:
         ok = isinstance(value, bool)
     elif tp is int:

@@ -65,8 +65,78 @@ def _rows_and_scorer(cfg: Any) -> tuple[list[dict], Any, str]:
     return rows, generic_score, cfg.data
 
 
-def evaluate_model(model: Any, tokenizer: Any, cfg: Any) -> dict[str, Any]:
+SEARCH_STRATEGIES = ("best_of_n", "self_consistency", "beam", "tree", "hybrid")
+
+
+def search_spec(cfg: Any, n: int) -> Any:
+    """The ``SearchSpec`` of an eval config at ``n``."""
+    from posttrain.search import SearchSpec
+
+    return SearchSpec(
+        strategy=cfg.strategy,
+        n=1 if cfg.strategy == "greedy" else n,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+        scorer=tuple(cfg.scorer),
+        weighted=cfg.weighted,
+        length_penalty=cfg.length_penalty,
+        delimiter=cfg.delimiter.encode().decode("unicode_escape"),
+        keep=cfg.keep,
+        token_budget=cfg.token_budget,
+        helper_role=cfg.helper_role,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+    )
+
+
+def evaluate_search(model: Any, tokenizer: Any, cfg: Any, *, helper: Any = None) -> dict[str, Any]:
+    """Accuracy and compute of a search strategy at ``cfg.n`` (or at each n of ``cfg.scaling``). The chosen
+    answer is scored (strict and lenient); oracle pass@N, which looks at the gold answer, is reported apart."""
+    from posttrain.search import search
+
+    rows, scorer, source = _rows_and_scorer(cfg)
+    rows = rows[: cfg.limit] if cfg.limit else rows
+    points = []
+    for n in cfg.scaling or [cfg.n]:
+        torch.manual_seed(cfg.seed)
+        results = search(model, tokenizer, rows, search_spec(cfg, n), helper=helper)
+        strict = [scorer(r.completion, row["answer"])[0] for r, row in zip(results, rows)]
+        lenient = [scorer(r.completion, row["answer"])[1] for r, row in zip(results, rows)]
+        oracle = [any(scorer(c, row["answer"])[0] for c in r.candidates) for r, row in zip(results, rows)]
+        count = len(rows)
+        points.append(
+            {
+                "strategy": cfg.strategy,
+                "n": 1 if cfg.strategy == "greedy" else n,
+                "accuracy": sum(strict) / count,
+                "accuracy_lenient": sum(lenient) / count,
+                "oracle_pass_at_n": sum(oracle) / count,
+                "tokens_per_question": sum(r.tokens for r in results) / count,
+                "forward_passes_per_question": sum(r.forward_passes for r in results) / count,
+                "wall_s_per_question": sum(r.wall_s for r in results) / count,
+            }
+        )
+    last = points[-1]
+    result = {
+        "source": source,
+        "rows": len(rows),
+        **last,
+        "accuracy_strict": last["accuracy"],
+        "examples": [
+            {"prompt": row["prompt"], "completion": r.completion, "answer": row["answer"]}
+            for r, row in list(zip(results, rows))[:5]
+        ],
+    }
+    if cfg.scaling:
+        result["scaling"] = points
+    return result
+
+
+def evaluate_model(model: Any, tokenizer: Any, cfg: Any, *, helper: Any = None) -> dict[str, Any]:
     """Evaluate an already loaded model (see module docstring for the fields of the result)."""
+    if cfg.strategy in SEARCH_STRATEGIES or cfg.scaling:
+        return evaluate_search(model, tokenizer, cfg, helper=helper)
     if cfg.n < 1:
         raise ConfigError(f"eval.n: must be at least 1, got {cfg.n}")
     if cfg.strategy == "greedy" and cfg.n > 1:
@@ -132,7 +202,11 @@ def evaluate(cfg: Any) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     model.to(resolve_device("auto"))
-    result = {"model": cfg.model, **evaluate_model(model, tokenizer, cfg)}
+    helper = None
+    if cfg.helper_model:
+        helper = load_model(cfg.helper_model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        helper[0].to(resolve_device("auto"))
+    result = {"model": cfg.model, **evaluate_model(model, tokenizer, cfg, helper=helper)}
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.out).write_text(json.dumps(result, indent=1))

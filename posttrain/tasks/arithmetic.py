@@ -108,3 +108,49 @@ class ArithmeticTask(Task):
 
     def lenient_answer(self, completion: str) -> str | None:
         return last_integer(completion)
+
+
+_OPERANDS = re.compile(r"^(\d+)\+(\d+)$")
+
+
+def step_checks(question: str, completion: str) -> list[bool]:
+    """Judge each line of a (partial) worked solution against the question and the lines before it, the way a
+    process verifier would: line 1 copies the question's two numbers, line 2 pads them to one width, each column
+    line adds the right digits and the previous carry and extends the partial sum, the last line restates it.
+    A trailing empty line (a step just ended) is not judged. The gold answer is never consulted.
+
+    >>> q = "What is 47 + 285?"
+    >>> step_checks(q, column_addition(47, 285))
+    [True, True, True, True, True, True]
+    >>> step_checks(q, "47+255\\n047+255\\n")   # a copy slip in the first line; the second is consistent with it
+    [False, True]
+    >>> step_checks(q, "Answer: 332")
+    [False]
+    """
+    numbers = re.findall(r"\d+", question)[:2]
+    lines = completion.strip(" ").split("\n")
+    if lines and lines[-1] == "":
+        lines = lines[:-1]
+    checks: list[bool] = []
+    a = b = ""
+    width, carry, partial = 0, 0, ""
+    for i, line in enumerate(lines):
+        if i == 0:
+            match = _OPERANDS.match(line)
+            a, b = match.groups() if match else ("", "")
+            checks.append(bool(match) and [a, b] == numbers)
+            width = max(len(a), len(b))
+        elif i == 1:
+            checks.append(bool(a) and line == f"{a.zfill(width)}+{b.zfill(width)}")
+        elif i - 2 < width:
+            column = i - 2
+            x, y = int(a.zfill(width)[-1 - column]), int(b.zfill(width)[-1 - column])
+            total = x + y + carry
+            partial = (str(total) if column == width - 1 else str(total % 10)) + partial
+            checks.append(line == f"{x}+{y}+{carry}={total} -> {partial}")
+            carry = total // 10
+        elif i - 2 == width:
+            checks.append(line == f"Answer: {int(partial)}" if partial else False)
+        else:
+            checks.append(False)  # nothing follows the answer line
+    return checks
