@@ -29,7 +29,7 @@ from posttrain.errors import ConfigError
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 QUICKSTART = RECIPES / "quickstart.yaml"
-TOP_KEYS = {"name", "out", "evaluate", "stages", "description"}
+TOP_KEYS = {"name", "out", "evaluate", "stages", "description", "search"}
 SUITE_KEYS = {"tasks", "perplexity_data", "limit", "max_new_tokens", "batch_size"}
 
 
@@ -117,6 +117,41 @@ def run_suite(model_spec: str, recipe: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def search_configs(recipe: dict[str, Any]) -> list[EvalConfig]:
+    """The recipe's ``search`` section as eval configs: one per strategy entry, on the first suite task."""
+    section = recipe.get("search")
+    if not section:
+        return []
+    if not isinstance(section, dict) or not isinstance(section.get("strategies"), list):
+        raise ConfigError("search: expected {limit, max_new_tokens, temperature, strategies: [{strategy, ...}]}")
+    tasks = coerce((recipe.get("evaluate") or {}).get("tasks", []), list[str], "evaluate.tasks")
+    if not tasks:
+        raise ConfigError("search: needs evaluate.tasks (the first task is searched)")
+    common = {k: v for k, v in section.items() if k != "strategies"}
+    return [
+        build_config(EvalConfig, {"task": tasks[0], **common, **entry}, path=f"search.strategies[{i}]")
+        for i, entry in enumerate(section["strategies"])
+    ]
+
+
+def run_search_suite(model_spec: str, recipe: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every strategy of the recipe's ``search`` section on the final model: one point per (strategy, n)."""
+    from posttrain.eval.harness import evaluate_search
+    from posttrain.models.loading import load_model
+    from posttrain.train.stage import resolve_device
+
+    configs = search_configs(recipe)
+    if not configs:
+        return []
+    model, tokenizer = load_model(model_spec)
+    model.to(resolve_device("auto"))
+    points = []
+    for cfg in configs:
+        result = evaluate_search(model, tokenizer, cfg)
+        points += result.get("scaling") or [{k: v for k, v in result.items() if k not in ("source", "examples")}]
+    return points
+
+
 def run_recipe(recipe: dict[str, Any], *, out: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Run every stage, evaluate after each, write ``summary.json`` and ``report.html`` in the run directory."""
     from posttrain.models.loading import resolve
@@ -127,7 +162,8 @@ def run_recipe(recipe: dict[str, Any], *, out: str | None = None, progress: bool
     run_dir = Path(out or recipe.get("out") or "runs/recipe")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    suite_configs(recipe)  # fail on a bad suite before any training
+    suite_configs(recipe)  # fail on a bad suite or search section before any training
+    search_configs(recipe)
     started = time.perf_counter()
     stages: list[dict[str, Any]] = []
     previous: str | None = None
@@ -160,9 +196,16 @@ def run_recipe(recipe: dict[str, Any], *, out: str | None = None, progress: bool
         record["wall_s"] = time.perf_counter() - t0
         stages.append(record)
         print_stage_table(stages)
+    t0 = time.perf_counter()
+    search_points = run_search_suite(previous, recipe) if previous else []
+    if search_points:
+        from posttrain.report import print_search_table
+
+        print_search_table(search_points)
     summary = {
         "recipe": recipe.get("name", ""),
         "stages": stages,
+        **({"search": search_points, "search_wall_s": time.perf_counter() - t0} if search_points else {}),
         "wall_s": time.perf_counter() - started,
         "final_model": previous,
     }

@@ -51,6 +51,53 @@ def print_stage_table(stages: list[dict[str, Any]]) -> None:
     print(flush=True)
 
 
+SEARCH_HEADER = ["strategy", "n", "strict acc", "oracle pass@n", "tokens/question", "forward passes/q", "s/question"]
+
+
+def search_rows(points: list[dict[str, Any]]) -> list[list[str]]:
+    return [
+        [
+            p["strategy"],
+            str(p["n"]),
+            f"{100 * p['accuracy']:.1f}%",
+            f"{100 * p['oracle_pass_at_n']:.1f}%",
+            f"{p['tokens_per_question']:.0f}",
+            f"{p['forward_passes_per_question']:.0f}",
+            f"{p['wall_s_per_question']:.3f}",
+        ]
+        for p in points
+    ]
+
+
+def print_search_table(points: list[dict[str, Any]]) -> None:
+    """Print the search table: accuracy and compute per (strategy, n) on the final model."""
+    rows = [SEARCH_HEADER] + search_rows(points)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(SEARCH_HEADER))]
+    print()
+    for j, row in enumerate(rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+    print(flush=True)
+
+
+def _search_figure(plt: Any, points: list[dict[str, Any]]) -> Any:
+    """Accuracy against generated tokens per question, one line per strategy (the accuracy-vs-compute curve)."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for strategy in dict.fromkeys(p["strategy"] for p in points):
+        mine = sorted((p for p in points if p["strategy"] == strategy), key=lambda p: p["tokens_per_question"])
+        xs = [p["tokens_per_question"] for p in mine]
+        ax.plot(xs, [100 * p["accuracy"] for p in mine], "o-", label=strategy)
+        for p in mine:
+            ax.annotate(f"n={p['n']}", (p["tokens_per_question"], 100 * p["accuracy"]), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("generated tokens per question (log)")
+    ax.set_ylabel("strict accuracy, %")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    ax.set_title("Inference-time search on the final model: accuracy against compute")
+    return fig
+
+
 def _png(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
@@ -134,6 +181,18 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
         "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row) + "</tr>"
         for tag, row in [("th", HEADER)] + [("td", r) for r in stage_rows(stages)]
     )
+    points = summary.get("search") or []
+    if points:
+        images.append(("Search: accuracy against compute", _png(_search_figure(plt, points))))
+        plt.close("all")
+        rows = "".join(
+            "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row) + "</tr>"
+            for tag, row in [("th", SEARCH_HEADER)] + [("td", r) for r in search_rows(points)]
+        )
+        table += (
+            "</table><h2>Search on the final model (held-out test problems; oracle pass@n looks at the gold answer,"
+            f" the strategies do not)</h2><table>{rows}"
+        )
     body = "".join(f"<h2>{t}</h2><img src='data:image/png;base64,{b}'/>" for t, b in images)
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>posttrain report</title><style>"

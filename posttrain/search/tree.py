@@ -4,7 +4,9 @@ A step ends at ``spec.delimiter`` (a newline by default) or at EOS. Each level e
 ``spec.n`` sampled children, scores each partial solution with the value function (``spec.scorer``: a verifier
 on partial work such as ``arithmetic_steps``, reward functions, or ``logprob`` = the model's own mean token
 log-prob), prunes children a verifier scores 0, and keeps the best ``spec.keep`` (beam search over steps; ties
-go to the higher log-prob, then to the child found first). Children that ended with EOS are complete answers;
+go to the higher log-prob, then to the child found first). When the remaining budget no longer covers a full
+level (at the average step length so far) plus finishing one node, the search follows the best node alone
+with one sample per step, so it can still finish inside its budget. Children that ended with EOS are complete answers;
 the best complete answer wins (or the best partial one if the budget ran out first).
 
 The cache is never recomputed: the frontier's cache rows are repeated ``n`` times to expand (a child starts
@@ -67,8 +69,20 @@ def _tree_one(model: Any, tokenizer: Any, row: dict[str, Any], spec: Any, *, see
     complete: list[tuple[str, float, float]] = []  # (text, value, mean log-prob)
     partial: list[tuple[str, float, float]] = []
     spent, passes = 0, 1
+    step_tokens, steps_taken = 0, 0
     while nodes and spent < budget:
+        # Branch fully while the budget allows another level at the average step length seen so far; then
+        # follow each kept node with a single sample, so the search can still finish inside its budget.
+        average = step_tokens / steps_taken if steps_taken else 1
+        finish = spec.max_new_tokens - min(len(t) for t, _ in nodes)  # worst case to complete one node
         k = spec.n
+        if budget - spent < spec.n * len(nodes) * average + finish and len(nodes) * spec.n > 1:
+            k = 1
+            if len(nodes) > 1:  # complete the best node only (nodes are kept best first)
+                first = torch.tensor([0], device=device)
+                cache.batch_select_indices(first)
+                attn, positions, logits, nodes = attn[first], positions[first], logits[first], nodes[:1]
+        before = spent
         logits, attn, positions = (x.repeat_interleave(k, 0) for x in (logits, attn, positions))
         cache.batch_repeat_interleave(k)
         children = [(list(t), lp) for t, lp in nodes for _ in range(k)]
@@ -111,6 +125,7 @@ def _tree_one(model: Any, tokenizer: Any, row: dict[str, Any], spec: Any, *, see
             logits = torch.where(fed_mask[:, None], out.logits[:, -1], logits)
             cache = out.past_key_values
             passes += 1
+        step_tokens, steps_taken = step_tokens + spent - before, steps_taken + len(children)
         texts = [tokenizer.decode(c[0], skip_special_tokens=True) for c in children]
         means = [lp / max(len(t), 1) for t, lp in children]
         values = _values(spec, texts, row, means)
