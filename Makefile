@@ -34,6 +34,7 @@ bench: $(VENV)/.base
 	$(PY) benchmarks/bench_sft.py
 	$(PY) benchmarks/bench_grpo.py --precision fp32
 	$(PY) benchmarks/bench_grpo.py --precision bf16
+	$(PY) benchmarks/bench_search.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -442,7 +442,7 @@ def report(
     lines = [
         f"## GRPO step and rollout speed ({started:%Y-%m-%d %H:%M} UTC)",
         "",
-        f"Command: `python benchmarks/bench_grpo.py {' '.join(sys.argv[1:])}`".replace(" `", " `").rstrip(),
+        f"Command: `{' '.join(['python benchmarks/bench_grpo.py', *sys.argv[1:]])}`",
         "",
         f"Machine: {machine.get('cpu', '?')}, {args.threads} threads; torch {machine.get('torch', '?')}, "
         f"transformers {machine.get('transformers', '?')}, trl {machine.get('trl', '?')}. Model: {args.model} "

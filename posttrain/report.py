@@ -206,3 +206,28 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
     path = Path(run_dir) / "report.html"
     path.write_text(page)
     return path
+
+
+def write_search_report(path: Path, points: list[dict[str, Any]], *, title: str = "posttrain search") -> Path:
+    """A standalone HTML page with the search table and the accuracy-vs-compute plot (``posttrain eval
+    --scaling``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    image = _png(_search_figure(plt, points))
+    plt.close("all")
+    rows = "".join(
+        "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row) + "</tr>"
+        for tag, row in [("th", SEARCH_HEADER)] + [("td", r) for r in search_rows(points)]
+    )
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>posttrain search</title><style>"
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p>oracle pass@n looks at the gold answer; the strategies do not.</p>"
+        f"<table>{rows}</table><img src='data:image/png;base64,{image}'/></body></html>"
+    )
+    path.write_text(page)
+    return path

@@ -137,6 +137,8 @@ def test_run_recipe_evaluates_every_stage(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "name: mini\nevaluate: {tasks: [arithmetic, uppercase], limit: 4, max_new_tokens: 8}\n"
+        "search: {limit: 3, max_new_tokens: 8, strategies: [{strategy: greedy}, "
+        "{strategy: self_consistency, scaling: [2, 3]}]}\n"
         "stages:\n  - {name: pretrain, use: 'builtin:tiny-base'}\n"
         "  - {name: sft, max_steps: 2, batch_size: 2, lr: 0.001}\n"
     )
@@ -151,6 +153,17 @@ def test_run_recipe_evaluates_every_stage(tmp_path, capsys):
         assert 0 <= stage["eval"]["accuracy"] <= 1 and "uppercase" in stage["eval"]["retention"]
     assert "<img src='data:image/png;base64," in (tmp_path / "run" / "report.html").read_text()
     assert "retention acc" in out
+    search = summary["search"]
+    assert [(p["strategy"], p["n"]) for p in search] == [
+        ("greedy", 1),
+        ("self_consistency", 2),
+        ("self_consistency", 3),
+    ]
+    for p in search:
+        assert set(p) >= {"strategy", "n", "accuracy", "tokens_per_question", "oracle_pass_at_n"}
+    assert (
+        "oracle pass@n" in out and "Search: accuracy against compute" in (tmp_path / "run" / "report.html").read_text()
+    )
 
 
 def test_sigkill_and_resume_twice_matches_uninterrupted(tmp_path):

@@ -67,3 +67,17 @@ def test_recipe_stage_errors_name_the_stage(tmp_path):
     path.write_text("stages: []")
     with pytest.raises(ConfigError, match="non-empty 'stages'"):
         load_recipe(path)
+
+
+def test_recipe_search_section_errors_name_the_entry(tmp_path):
+    from posttrain.pipeline import search_configs
+
+    recipe = {"evaluate": {"tasks": ["arithmetic"]}, "stages": [{"name": "sft"}]}
+    recipe["search"] = {"limit": 5, "strategies": [{"strategy": "greedy"}, {"strategy": "beam", "widht": 4}]}
+    with pytest.raises(ConfigError, match=r"search.strategies\[1\].widht: unknown key"):
+        search_configs(recipe)
+    recipe["search"] = {"strategies": [{"strategy": "beam", "n": 4}]}
+    assert [(c.strategy, c.n, c.task) for c in search_configs(recipe)] == [("beam", 4, "arithmetic")]
+    recipe["search"] = {"strategy": "beam"}
+    with pytest.raises(ConfigError, match="search: expected"):
+        search_configs(recipe)

@@ -4,6 +4,7 @@ compute accounting and the eval integration."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -212,7 +213,7 @@ def test_hybrid_main_model_scores_helper_proposals(base):
     assert len(result.scores) == 3 and result.completion == result.candidates[best_index(result.scores)]
 
 
-def test_eval_scaling_curve_reports_accuracy_compute_and_oracle_apart():
+def test_eval_scaling_curve_reports_accuracy_compute_and_oracle_apart(tmp_path):
     from posttrain.config import EvalConfig, build_config
     from posttrain.eval.harness import evaluate
 
@@ -223,9 +224,18 @@ def test_eval_scaling_curve_reports_accuracy_compute_and_oracle_apart():
     )
     result = evaluate(cfg)
     points = result["scaling"]
+    assert not list(tmp_path.iterdir())  # no out: nothing written
     assert [p["n"] for p in points] == [1, 4]
     for p in points:
         assert 0 <= p["accuracy"] <= p["oracle_pass_at_n"] <= 1
         assert p["tokens_per_question"] > 0 and p["forward_passes_per_question"] >= 1
     assert points[1]["tokens_per_question"] > 3 * points[0]["tokens_per_question"]
     assert result["accuracy"] == points[-1]["accuracy"] and "tokens_per_question" in result
+
+    out = tmp_path / "r.json"
+    from dataclasses import replace
+
+    evaluate(replace(cfg, out=str(out)))
+    saved = json.loads(out.read_text())["scaling"]  # same seed: the same answers, so the same accuracies
+    assert [(p["n"], p["accuracy"]) for p in saved] == [(p["n"], p["accuracy"]) for p in points]
+    assert "data:image/png;base64," in (tmp_path / "r.html").read_text()

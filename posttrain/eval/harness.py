@@ -210,4 +210,8 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.out).write_text(json.dumps(result, indent=1))
+        if result.get("scaling"):  # the accuracy-vs-compute curve next to the JSON
+            from posttrain.report import write_search_report
+
+            write_search_report(Path(cfg.out).with_suffix(".html"), result["scaling"], title=f"{cfg.model}: search")
     return result
