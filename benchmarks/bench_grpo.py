@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,9 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import LoadMeter, machine_info, matmul_peak_flops, peak_rss_mib  # noqa: E402
-
-RESULT_TAG = "BENCH_RESULT "
+from benchmarks.machine import RESULT_TAG, LoadMeter, machine_info, matmul_peak_flops, peak_rss_mib  # noqa: E402
+from benchmarks.machine import run_worker as machine_run_worker  # noqa: E402
 
 
 def digit_share(completion: str, **_: Any) -> float:
@@ -334,32 +331,9 @@ WORKERS = {"ours": run_ours, "trl": run_trl, "gen_ours": run_gen_ours, "gen_hf":
 # --------------------------------------------------------------------------------------------------------------
 
 
-def run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    threads = str(spec["threads"])
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS=threads,
-        MKL_NUM_THREADS=threads,
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TRANSFORMERS_VERBOSITY="error",
-        PYTHONWARNINGS="ignore",
-        PYTHONPATH=str(REPO),
-    )
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        cwd=REPO,
-    )
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG) and proc.returncode == 0:
-            return json.loads(line[len(RESULT_TAG) :])
-    raise SystemExit(f"benchmark worker {spec['side']} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+def run_worker(spec: dict[str, Any], timeout: float, *, wait_quiet: float = 0) -> dict[str, Any]:
+    """One configuration in a fresh process (see ``benchmarks.machine.run_worker``)."""
+    return machine_run_worker(__file__, spec, timeout, wait_quiet=wait_quiet)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,15 +37,15 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.machine import (  # noqa: E402
+    RESULT_TAG,  # noqa: E402
     LoadMeter,
     machine_info,
     matmul_peak_flops,
     peak_rss_mib,
     rss_mib,
-    wait_until_quiet,
 )
+from benchmarks.machine import run_worker as machine_run_worker  # noqa: E402
 
-RESULT_TAG = "BENCH_RESULT "
 FINGERPRINT_ROWS = 64
 
 
@@ -366,35 +365,8 @@ WORKERS["ours_profile"] = run_ours_profile
 
 
 def run_worker(spec: dict[str, Any], timeout: float, *, wait_quiet: float = 0) -> dict[str, Any]:
-    """Run one configuration in a fresh process (after waiting up to ``wait_quiet`` s for a quiet machine)."""
-    if wait_quiet:
-        load = wait_until_quiet(max_wait_s=wait_quiet)
-        if load is not None and load >= 0.3:
-            print(f"  (still {load:.2f} busy cores after waiting {wait_quiet:.0f} s; running anyway)", flush=True)
-    threads = str(spec["threads"])
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS=threads,
-        MKL_NUM_THREADS=threads,
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TRANSFORMERS_VERBOSITY="error",
-        PYTHONWARNINGS="ignore",
-    )
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        cwd=REPO,
-    )
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG) and proc.returncode == 0:
-            return json.loads(line[len(RESULT_TAG) :])
-    raise SystemExit(f"benchmark worker {spec['side']} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    """One configuration in a fresh process (see ``benchmarks.machine.run_worker``)."""
+    return machine_run_worker(__file__, spec, timeout, wait_quiet=wait_quiet)
 
 
 def measure(spec: dict[str, Any], args: argparse.Namespace, name: str, discarded: list[str]) -> dict[str, Any]:

@@ -157,3 +157,48 @@ def rss_mib() -> float:
 def peak_rss_mib() -> float:
     """Peak resident set size of this process so far (MiB; Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+RESULT_TAG = "BENCH_RESULT "
+
+
+def run_worker(script: str, spec: dict, timeout: float, *, wait_quiet: float = 0) -> dict:
+    """Run ``script --worker SPEC`` in a fresh process (after waiting up to ``wait_quiet`` s for a quiet
+    machine) with the thread count pinned and every hub offline; return the JSON it printed after
+    ``RESULT_TAG``."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if wait_quiet:
+        load = wait_until_quiet(max_wait_s=wait_quiet)
+        if load is not None and load >= 0.3:
+            print(f"  (still {load:.2f} busy cores after waiting {wait_quiet:.0f} s; running anyway)", flush=True)
+    threads = str(spec["threads"])
+    repo = Path(script).resolve().parents[1]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=threads,
+        MKL_NUM_THREADS=threads,
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        PYTHONWARNINGS="ignore",
+        PYTHONPATH=str(repo),
+    )
+    proc = subprocess.run(
+        [sys.executable, str(Path(script).resolve()), "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=repo,
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG) and proc.returncode == 0:
+            return json.loads(line[len(RESULT_TAG) :])
+    raise SystemExit(f"benchmark worker {spec['side']} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")

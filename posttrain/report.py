@@ -39,16 +39,20 @@ def stage_rows(stages: list[dict[str, Any]]) -> list[list[str]]:
 HEADER = ["stage", "source"] + [label for _, label in COLUMNS] + ["train time", "wall time"]
 
 
-def print_stage_table(stages: list[dict[str, Any]]) -> None:
-    """Print the stage table (held-out strict/lenient accuracy, retention, perplexity, wall time)."""
-    rows = [HEADER] + stage_rows(stages)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+def _print_table(header: list[str], body: list[list[str]]) -> None:
+    rows = [header] + body
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     print()
     for j, row in enumerate(rows):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
         if j == 0:
             print("  ".join("-" * w for w in widths))
     print(flush=True)
+
+
+def print_stage_table(stages: list[dict[str, Any]]) -> None:
+    """Print the stage table (held-out strict/lenient accuracy, retention, perplexity, wall time)."""
+    _print_table(HEADER, stage_rows(stages))
 
 
 SEARCH_HEADER = ["strategy", "n", "strict acc", "oracle pass@n", "tokens/question", "forward passes/q", "s/question"]
@@ -71,14 +75,7 @@ def search_rows(points: list[dict[str, Any]]) -> list[list[str]]:
 
 def print_search_table(points: list[dict[str, Any]]) -> None:
     """Print the search table: accuracy and compute per (strategy, n) on the final model."""
-    rows = [SEARCH_HEADER] + search_rows(points)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(SEARCH_HEADER))]
-    print()
-    for j, row in enumerate(rows):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
-    print(flush=True)
+    _print_table(SEARCH_HEADER, search_rows(points))
 
 
 def _search_figure(plt: Any, points: list[dict[str, Any]]) -> Any:
