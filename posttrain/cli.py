@@ -23,7 +23,8 @@ DESCRIPTIONS = {
     "pretrain": "train a causal LM on text rows (from scratch with --model builtin:tiny)",
     "sft": "supervised fine-tuning, full or LoRA (--lora-rank R)",
     "grpo": "RL with verifiable rewards: GRPO, Dr. GRPO, DAPO, GSPO (--loss), RLOO/REINFORCE++ (--advantage)",
-    "eval": "accuracy (strict/lenient), pass@k and perplexity on held-out rows",
+    "dpo": "preference optimisation: DPO, cDPO, IPO, SimPO, ORPO on pairs; KTO on unpaired rows (--loss)",
+    "eval": "accuracy (strict/lenient), pass@k, perplexity and search strategies on held-out rows",
 }
 
 
@@ -205,6 +206,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             summary = run_grpo(_stage_config(STAGE_CONFIGS["grpo"], args, "grpo"))
             print(json.dumps({k: summary[k] for k in ("final", "steps", "final_reward_mean", "wall_s")}))
+        elif args.command == "dpo":
+            from posttrain.train.dpo import run_dpo
+
+            summary = run_dpo(_stage_config(STAGE_CONFIGS["dpo"], args, "dpo"))
+            print(json.dumps({k: summary[k] for k in ("final", "steps", "final_train_loss", "heldout", "wall_s")}))
         elif args.command == "eval":
             from posttrain.eval.harness import evaluate
 

@@ -186,10 +186,27 @@ class GRPOConfig(LoopArgs, OptimArgs, ModelArgs):
     eval_limit: int = opt(200, "held-out rows used by eval_every (the first N)")
 
 
+@dataclass(frozen=True)
+class DPOConfig(LoopArgs, BatchArgs, OptimArgs, DataArgs, ModelArgs):
+    """Preference optimisation: DPO and its family (cDPO, IPO, SimPO, ORPO) on {prompt, chosen, rejected} rows,
+    KTO on unpaired {prompt, completion, label} rows."""
+
+    data: str = opt(
+        "task:arithmetic_prefs", "preference rows {prompt, chosen, rejected} (kto: {prompt, completion, label})"
+    )
+    loss: Literal["dpo", "cdpo", "ipo", "simpo", "orpo", "kto"] = opt("dpo", "preference loss")
+    beta: float = opt(0.1, "strength: DPO/cDPO/KTO beta, IPO's 1/(2 beta) target, SimPO beta, ORPO lambda")
+    label_smoothing: float = opt(0.1, "cdpo: probability that a preference label is flipped")
+    gamma: float = opt(0.5, "simpo: target reward margin")
+    desirable_weight: float = opt(1.0, "kto: weight of desirable rows")
+    undesirable_weight: float = opt(1.0, "kto: weight of undesirable rows")
+
+
 STAGE_CONFIGS: dict[str, type] = {
     "pretrain": PretrainConfig,
     "sft": SFTConfig,
     "grpo": GRPOConfig,
+    "dpo": DPOConfig,
     "eval": EvalConfig,
 }
 

@@ -74,7 +74,7 @@ def stage_config(stage: dict[str, Any], *, index: int, out: Path, previous_model
     values = {k: v for k, v in stage.items() if k not in ("name", "type", "use")}
     kind = stage.get("type", stage["name"])
     if kind not in STAGE_CONFIGS or kind == "eval":
-        raise ConfigError(f"stages[{index}].type: unknown stage type {kind!r} (choose one of pretrain, sft, grpo)")
+        raise ConfigError(f"stages[{index}].type: unknown stage type {kind!r} (choose one of pretrain, sft, grpo, dpo)")
     values.setdefault("out", str(out / stage["name"]))
     if previous_model is not None:
         values.setdefault("model", previous_model)
@@ -181,7 +181,14 @@ def run_recipe(recipe: dict[str, Any], *, out: str | None = None, progress: bool
         else:
             kind, cfg = stage_config(stage, index=index, out=run_dir, previous_model=previous)
             cfg = replace(cfg, progress=progress and cfg.progress)
-            summary = run_grpo(cfg) if kind == "grpo" else run_lm_stage(cfg, stage=kind)
+            if kind == "grpo":
+                summary = run_grpo(cfg)
+            elif kind == "dpo":
+                from posttrain.train.dpo import run_dpo
+
+                summary = run_dpo(cfg)
+            else:
+                summary = run_lm_stage(cfg, stage=kind)
             previous = summary["final"]
             record = {
                 "name": stage["name"],

@@ -26,6 +26,8 @@ FORMATS: dict[str, list[tuple[str, ...]]] = {
     "sft": [("messages",), ("prompt", "completion"), ("text",)],
     "text": [("text",)],
     "prompt": [("prompt",)],
+    "preference": [("prompt", "chosen", "rejected")],
+    "unpaired": [("prompt", "completion", "label")],
 }
 
 
@@ -125,7 +127,8 @@ def _check_messages(value: Any) -> str | None:
 
 
 def row_error(row: Row, kind: str) -> tuple[str | None, str] | None:
-    """(field, reason) if ``row`` is not a valid row of ``kind`` ("sft", "text" or "prompt"), else None."""
+    """(field, reason) if ``row`` is not a valid row of ``kind`` ("sft", "text", "prompt", "preference" or
+    "unpaired"), else None."""
     if "__error__" in row:
         return None, row["__error__"]
     formats = FORMATS[kind]
@@ -136,7 +139,9 @@ def row_error(row: Row, kind: str) -> tuple[str | None, str] | None:
         return missing, f"missing field; a {kind} row needs {wanted}"
     for key in fmt:
         value = row[key]
-        if key == "messages" or (key in ("prompt", "completion") and isinstance(value, list)):
+        if key == "label":
+            reason = None if isinstance(value, bool) else f"expected true or false, got {value!r}"
+        elif key == "messages" or (key in ("prompt", "completion", "chosen", "rejected") and isinstance(value, list)):
             reason = _check_messages(value)
         else:
             reason = _check_string(row, key)

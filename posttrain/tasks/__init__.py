@@ -2,7 +2,7 @@
 
 >>> from posttrain.tasks import get_task, TASKS
 >>> sorted(TASKS)
-['arithmetic', 'uppercase']
+['arithmetic', 'arithmetic_prefs', 'uppercase']
 >>> get_task("arithmetic").score("4+8+0=12 -> 12\\nAnswer: 12", "12")
 (True, True)
 """
@@ -12,9 +12,14 @@ from __future__ import annotations
 from posttrain.errors import ConfigError
 from posttrain.tasks.arithmetic import ArithmeticTask
 from posttrain.tasks.base import Row, Task, last_integer
+from posttrain.tasks.preferences import ArithmeticPreferences
 from posttrain.tasks.uppercase import UppercaseTask
 
-TASKS: dict[str, Task] = {"arithmetic": ArithmeticTask(), "uppercase": UppercaseTask()}
+TASKS: dict[str, Task] = {
+    "arithmetic": ArithmeticTask(),
+    "arithmetic_prefs": ArithmeticPreferences(),
+    "uppercase": UppercaseTask(),
+}
 
 
 def get_task(name: str) -> Task:
