@@ -24,6 +24,7 @@ DESCRIPTIONS = {
     "sft": "supervised fine-tuning, full or LoRA (--lora-rank R)",
     "grpo": "RL with verifiable rewards: GRPO, Dr. GRPO, DAPO, GSPO (--loss), RLOO/REINFORCE++ (--advantage)",
     "dpo": "preference optimisation: DPO, cDPO, IPO, SimPO, ORPO on pairs; KTO on unpaired rows (--loss)",
+    "rm": "reward model: Bradley-Terry on a scalar head, saved for AutoModelForSequenceClassification",
     "eval": "accuracy (strict/lenient), pass@k, perplexity and search strategies on held-out rows",
 }
 
@@ -210,6 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from posttrain.train.dpo import run_dpo
 
             summary = run_dpo(_stage_config(STAGE_CONFIGS["dpo"], args, "dpo"))
+            print(json.dumps({k: summary[k] for k in ("final", "steps", "final_train_loss", "heldout", "wall_s")}))
+        elif args.command == "rm":
+            from posttrain.train.rm import run_rm
+
+            summary = run_rm(_stage_config(STAGE_CONFIGS["rm"], args, "rm"))
             print(json.dumps({k: summary[k] for k in ("final", "steps", "final_train_loss", "heldout", "wall_s")}))
         elif args.command == "eval":
             from posttrain.eval.harness import evaluate

@@ -202,11 +202,20 @@ class DPOConfig(LoopArgs, BatchArgs, OptimArgs, DataArgs, ModelArgs):
     undesirable_weight: float = opt(1.0, "kto: weight of undesirable rows")
 
 
+@dataclass(frozen=True)
+class RMConfig(LoopArgs, BatchArgs, OptimArgs, DataArgs, ModelArgs):
+    """Reward model: Bradley–Terry loss on a scalar head over a causal-LM backbone, {prompt, chosen, rejected}
+    rows (optional numeric margin column); saved as AutoModelForSequenceClassification."""
+
+    data: str = opt("task:arithmetic_prefs", "preference rows {prompt, chosen, rejected[, margin]}")
+
+
 STAGE_CONFIGS: dict[str, type] = {
     "pretrain": PretrainConfig,
     "sft": SFTConfig,
     "grpo": GRPOConfig,
     "dpo": DPOConfig,
+    "rm": RMConfig,
     "eval": EvalConfig,
 }
 

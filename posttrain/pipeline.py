@@ -74,7 +74,9 @@ def stage_config(stage: dict[str, Any], *, index: int, out: Path, previous_model
     values = {k: v for k, v in stage.items() if k not in ("name", "type", "use")}
     kind = stage.get("type", stage["name"])
     if kind not in STAGE_CONFIGS or kind == "eval":
-        raise ConfigError(f"stages[{index}].type: unknown stage type {kind!r} (choose one of pretrain, sft, grpo, dpo)")
+        raise ConfigError(
+            f"stages[{index}].type: unknown stage type {kind!r} (choose one of pretrain, sft, grpo, dpo, rm)"
+        )
     values.setdefault("out", str(out / stage["name"]))
     if previous_model is not None:
         values.setdefault("model", previous_model)
@@ -187,6 +189,10 @@ def run_recipe(recipe: dict[str, Any], *, out: str | None = None, progress: bool
                 from posttrain.train.dpo import run_dpo
 
                 summary = run_dpo(cfg)
+            elif kind == "rm":
+                from posttrain.train.rm import run_rm
+
+                summary = run_rm(cfg)
             else:
                 summary = run_lm_stage(cfg, stage=kind)
             previous = summary["final"]

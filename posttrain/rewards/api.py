@@ -29,9 +29,14 @@ class RewardSpec:
 
 
 def load_reward(spec: str) -> Callable[..., Any]:
-    """A built-in reward by name, or ``module:function`` imported (never ``eval``-ed)."""
+    """A built-in reward by name, ``rm:DIR`` (a reward model; ``rm:DIR1+DIR2`` an ensemble's mean), or
+    ``module:function`` imported (never ``eval``-ed)."""
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
+    if spec.startswith("rm:"):
+        from posttrain.train.rm import RewardModelScorer
+
+        return RewardModelScorer([p for p in spec[3:].split("+") if p])
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(
@@ -89,7 +94,8 @@ def score_completions(
     timeout_s: float = 30.0,
     on_error: str = "raise",
 ) -> Scores:
-    """Call every reward on every completion with its row's columns (``prompt`` and ``completion`` excluded).
+    """Call every reward on every completion with its row's columns (``prompt`` and ``completion`` excluded;
+    reward models, which declare ``wants_prompt``, also get the prompt).
 
     ``on_error="raise"`` stops with a ``RewardError`` naming the function and the prompt; ``"zero"`` scores the
     failed call 0 and counts it. A call running longer than ``timeout_s`` is a failure too."""
@@ -101,7 +107,8 @@ def score_completions(
             kwargs = {k: v for k, v in row.items() if k not in ("prompt", "completion")}
             for spec in specs:
                 try:
-                    future = pool.submit(spec.fn, completion, **kwargs)
+                    extra = {"prompt": row.get("prompt")} if getattr(spec.fn, "wants_prompt", False) else {}
+                    future = pool.submit(spec.fn, completion, **kwargs, **extra)
                     try:
                         value = future.result(timeout=timeout_s)
                     except FutureTimeout:

@@ -1,0 +1,236 @@
+"""``posttrain rm``: a Bradley–Terry reward model, and reward-model scoring (one model or an ensemble).
+
+The model is ``AutoModelForSequenceClassification`` (one label) over the causal LM's backbone: the reward of a
+(prompt, reply) is the score head applied to the hidden state of the sequence's last token (the reply's EOS),
+exactly where ``transformers`` pools, so the saved ``final/`` loads with plain ``transformers``:
+
+    AutoModelForSequenceClassification.from_pretrained("runs/rm/final")
+
+Loss per pair: -log sigma(r(chosen) - r(rejected) - margin), ``margin`` from the row's optional ``margin``
+column (0 otherwise). Pairs are packed padding-free, chosen and rejected in one forward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from posttrain.data.batching import ResumableSampler, pack
+from posttrain.data.encode import EncodeStats, Example, apply_length_policy, encode_row
+from posttrain.data.rows import load_rows, validate_rows
+from posttrain.errors import ConfigError, DataError, TrainingError
+from posttrain.models.loading import load_tokenizer, resolve, save_model_dir
+from posttrain.models.varlen import packed_attention
+from posttrain.train.checkpoint import latest_checkpoint, save_checkpoint
+from posttrain.train.loop import make_optimizer, make_scheduler, restore_or_start
+from posttrain.train.metrics import MetricsLog
+from posttrain.train.stage import default_eval_data, peak_memory_mb, prepare_run_dir, resolve_device
+
+
+def bradley_terry_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-pair -log sigma(r_c - r_r - margin).
+
+    >>> float(bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0])))  # log 2
+    0.6931471824645996
+    """
+    diff = chosen - rejected - (0.0 if margin is None else margin)
+    return -F.logsigmoid(diff)
+
+
+def load_reward_model(spec: str, *, dtype: str = "float32") -> tuple[Any, Any]:
+    """(sequence-classification model with one label, tokenizer) for a causal-LM or reward-model directory."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve(spec)
+    tokenizer = load_tokenizer(spec)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=getattr(torch, dtype), pad_token_id=tokenizer.pad_token_id
+    )
+    return model, tokenizer
+
+
+def sequence_rewards(model: Any, examples: list[Example]) -> torch.Tensor:
+    """(n,) rewards of ``examples``: score head on each packed sequence's last hidden state."""
+    device = next(model.parameters()).device
+    batch = pack(examples).to(device)
+    with packed_attention(model):
+        hidden = model.base_model(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, posttrain_bounds=batch.bounds, use_cache=False
+        ).last_hidden_state
+    last = torch.tensor(batch.bounds[1:], device=device) - 1
+    return model.score(hidden[0, last]).squeeze(-1).float()
+
+
+def encode_pairs(source: Any, tokenizer: Any, cfg: Any) -> tuple[list[tuple[Example, Example]], list[float], dict]:
+    name = source if isinstance(source, str) else "<rows>"
+    checked = validate_rows(load_rows(source), "preference", source=name)
+    stats = EncodeStats()
+    pairs, margins = [], []
+    for row, line in zip(checked.rows, checked.lines):
+        margin = row.get("margin", 0.0)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+            raise DataError(name, line, "margin", f"expected a finite number, got {margin!r}")
+        encoded = []
+        for key in ("chosen", "rejected"):
+            example = encode_row({"prompt": row["prompt"], "completion": row[key]}, tokenizer, completion_only=False)
+            encoded.append(apply_length_policy(example, cfg.max_length, "drop", stats))
+        if None not in encoded:
+            pairs.append((encoded[0], encoded[1]))
+            margins.append(float(margin))
+    if not pairs:
+        raise ConfigError(f"rm.max_length: no pair of {name} fits in {cfg.max_length} tokens")
+    return pairs, margins, {"rows": len(checked.rows), "pairs": len(pairs), "dropped_too_long": stats.dropped}
+
+
+def pair_rewards(model: Any, pairs: list[tuple[Example, Example]]) -> tuple[torch.Tensor, torch.Tensor]:
+    rewards = sequence_rewards(model, [e for pair in pairs for e in pair]).view(len(pairs), 2)
+    return rewards[:, 0], rewards[:, 1]
+
+
+@torch.no_grad()
+def pair_accuracy(model: Any, pairs: list[tuple[Example, Example]], *, batch_size: int = 64) -> float:
+    """Share of pairs whose chosen reply gets the higher reward."""
+    was_training = model.training
+    model.eval()
+    right = 0
+    for start in range(0, len(pairs), batch_size):
+        chosen, rejected = pair_rewards(model, pairs[start : start + batch_size])
+        right += int((chosen > rejected).sum())
+    model.train(was_training)
+    return right / len(pairs)
+
+
+def run_rm(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
+    """Train a reward model and write the run directory; returns the summary."""
+    if cfg.lora_rank:
+        raise ConfigError("rm.lora_rank: reward models train fully for now (the score head is new); use 0")
+    if cfg.batch_size % cfg.grad_accum:
+        raise ConfigError(f"rm.grad_accum: must divide batch_size ({cfg.batch_size}), got {cfg.grad_accum}")
+    run_dir = prepare_run_dir(cfg, "rm")
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_reward_model(cfg.model, dtype=cfg.dtype)
+    model.to(resolve_device(cfg.device))
+    pairs, margins, counts = encode_pairs(cfg.data, tokenizer, cfg)
+    eval_source = cfg.eval_data or default_eval_data(cfg.data)
+    eval_pairs = encode_pairs(eval_source, tokenizer, cfg)[0] if eval_source else []
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    sampler = ResumableSampler(len(pairs), seed=cfg.seed)
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    state = {"step": 0, "skipped_steps": 0, "bad_in_row": 0, "sampler": sampler.state_dict()}
+    state, resumed_from = restore_or_start(run_dir, cfg, model, optimizer, scheduler, sampler, log, state)
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="rm", disable=not cfg.progress, unit="step")
+    while state["step"] < cfg.max_steps:
+        step, t0 = state["step"] + 1, time.perf_counter()
+        index = sampler.take(cfg.batch_size)
+        totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
+        for micro in range(cfg.grad_accum):
+            part = index[micro :: cfg.grad_accum]
+            chosen, rejected = pair_rewards(model, [pairs[i] for i in part])
+            margin = torch.tensor([margins[i] for i in part], device=chosen.device)
+            loss = bradley_terry_loss(chosen, rejected, margin)
+            (loss.sum() / len(index)).backward()
+            totals["loss"] += float(loss.detach().sum()) / len(index)
+            totals["accuracy"] += float((chosen > rejected).sum()) / len(index)
+            totals["margin"] += float((chosen - rejected).detach().sum()) / len(index)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        finite = math.isfinite(totals["loss"]) and bool(torch.isfinite(grad_norm))
+        if finite:
+            optimizer.step()
+            state["bad_in_row"] = 0
+        else:
+            state["skipped_steps"] += 1
+            state["bad_in_row"] += 1
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        state.update(step=step, sampler=sampler.state_dict())
+        record = {"step": step, "lr": lr, "grad_norm": float(grad_norm), **totals}
+        record["step_s"] = round(time.perf_counter() - t0, 4)
+        evaluated = bool(eval_pairs) and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps)
+        if evaluated:
+            record["eval_pair_accuracy"] = pair_accuracy(model, eval_pairs)
+        if step % cfg.log_every == 0 or step == cfg.max_steps or not finite or evaluated:
+            log.write(record)
+        bar.update(1)
+        if state["bad_in_row"] >= cfg.max_bad_steps:
+            bar.close()
+            raise TrainingError(
+                f"rm: stopped at step {step} after {state['bad_in_row']} non-finite losses or gradients in a row;"
+                f" last good checkpoint: {latest_checkpoint(run_dir) or 'none'}"
+            )
+        if ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps) and state["bad_in_row"] == 0:
+            save_checkpoint(run_dir, step, model, optimizer, scheduler, state, keep=cfg.keep_checkpoints)
+        if stop_after is not None and step >= stop_after:
+            bar.close()
+            return {"stage": "rm", "steps": step, "stopped_early": True}
+    bar.close()
+    save_model_dir(model, tokenizer, run_dir / "final")
+    metrics = log.read()
+    last_eval = next((m for m in reversed(metrics) if "eval_pair_accuracy" in m), {})
+    summary = {
+        "stage": "rm",
+        "model": cfg.model,
+        "final": str(run_dir / "final"),
+        "steps": state["step"],
+        "skipped_steps": state["skipped_steps"],
+        "resumed_from": resumed_from,
+        **counts,
+        "final_train_loss": metrics[-1].get("loss") if metrics else None,
+        "heldout": {"pair_accuracy": last_eval.get("eval_pair_accuracy")},
+        "wall_s": round(time.perf_counter() - started, 3),
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+class RewardModelScorer:
+    """Reward of (prompt, reply) under one reward model or the mean of an ensemble (``disagreement`` = their
+    standard deviation, a reward-hacking signal). Usable as a reward function: ``--reward rm:DIR[+DIR...]``.
+
+    The scorer receives the row's prompt (``wants_prompt``); replies are scored as the assistant turn."""
+
+    wants_prompt = True
+
+    def __init__(self, paths: list[str]):
+        if not paths:
+            raise ConfigError("reward rm: give at least one reward-model directory (rm:DIR or rm:DIR1+DIR2)")
+        self.models = []
+        for path in paths:
+            if not Path(path).is_dir():
+                raise ConfigError(f"reward rm:{path}: no such reward-model directory")
+            model, tokenizer = load_reward_model(path)
+            self.models.append(model.eval())
+            self.tokenizer = tokenizer
+
+    @torch.no_grad()
+    def score(self, prompts: list[Any], completions: list[str]) -> tuple[list[float], list[float]]:
+        """(mean reward, disagreement) per (prompt, completion)."""
+        examples = [
+            encode_row(
+                {"prompt": p, "completion": [{"role": "assistant", "content": c}] if isinstance(p, list) else c},
+                self.tokenizer,
+                completion_only=False,
+            )
+            for p, c in zip(prompts, completions)
+        ]
+        per_model = [sequence_rewards(m, examples).tolist() for m in self.models]
+        means = [statistics.fmean(values) for values in zip(*per_model)]
+        spread = [statistics.pstdev(values) if len(values) > 1 else 0.0 for values in zip(*per_model)]
+        return means, spread
+
+    def __call__(self, completion: str, *, prompt: Any = None, **_: Any) -> float:
+        return self.score([prompt if prompt is not None else ""], [completion])[0][0]
