@@ -1,0 +1,100 @@
+"""PPO pieces as pure functions: GAE, advantage whitening, the clipped value loss and the KL controllers.
+
+Legend: B sequences, T token positions; ``mask`` (B, T) marks real (generated) tokens, left-aligned.
+
+    >>> import torch
+    >>> adv, ret = gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.5]]), torch.ones(1, 2), gamma=1.0, lam=1.0)
+    >>> adv.tolist(), ret.tolist()
+    ([[0.5, 0.5]], [[1.0, 1.0]])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation per token: delta_t = r_t + gamma V_{t+1} - V_t (V after the last real
+    token is 0), A_t = delta_t + gamma lam A_{t+1}; returns (advantages, returns = advantages + values), both 0
+    outside ``mask``."""
+    mask = mask.to(values.dtype)
+    b, t = rewards.shape
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros(b, dtype=values.dtype, device=values.device)
+    running = torch.zeros_like(next_value)
+    for i in reversed(range(t)):
+        delta = rewards[:, i] + gamma * next_value - values[:, i]
+        running = (delta + gamma * lam * running) * mask[:, i]
+        advantages[:, i] = running
+        next_value = values[:, i] * mask[:, i]
+    return advantages, (advantages + values) * mask
+
+
+def whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / std over the masked entries (mean kept when ``shift_mean`` is False); 0 outside the mask."""
+    m = mask.to(x.dtype)
+    n = m.sum().clamp(min=1)
+    mean = (x * m).sum() / n
+    var = (((x - mean) * m) ** 2).sum() / n
+    out = (x - mean) * torch.rsqrt(var + eps)
+    return (out + (0 if shift_mean else mean)) * m
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip: float) -> Tensor:
+    """Per-token 0.5 max((V - R)^2, (clip(V, V_old +- clip) - R)^2): the value may not move more than ``clip``
+    from its rollout-time estimate for free."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2) * mask.to(values.dtype)
+
+
+@dataclass
+class FixedKLController:
+    """A constant KL coefficient."""
+
+    value: float
+
+    def update(self, kl: float, n_steps: int) -> None:
+        """Nothing to adapt."""
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+@dataclass
+class AdaptiveKLController:
+    """Ziegler et al. (2019): beta <- beta (1 + clip(KL / target - 1, -0.2, 0.2) n / horizon). KL above the
+    target raises the coefficient, below lowers it; ``n_steps`` samples move it by their share of the horizon.
+
+    >>> c = AdaptiveKLController(value=0.1, target=6.0, horizon=10000)
+    >>> c.update(kl=12.0, n_steps=1000); round(c.value, 4)   # error clipped to +0.2: x (1 + 0.2 * 0.1)
+    0.102
+    """
+
+    value: float
+    target: float
+    horizon: int
+
+    def update(self, kl: float, n_steps: int) -> None:
+        if not math.isfinite(kl):
+            return
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value, self.target, self.horizon = float(state["value"]), float(state["target"]), int(state["horizon"])
+
+
+def kl_exceeds(mean_kl: float, bound: float) -> bool:
+    """TRPO-style trust region check: stop the epoch (or backtrack) once the mean KL to the rollout policy
+    exceeds ``bound``."""
+    return bound > 0 and mean_kl > bound
