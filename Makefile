@@ -35,6 +35,7 @@ bench: $(VENV)/.base
 	$(PY) benchmarks/bench_grpo.py --precision fp32
 	$(PY) benchmarks/bench_grpo.py --precision bf16
 	$(PY) benchmarks/bench_search.py
+	$(PY) benchmarks/bench_dpo.py
 
 clean:
 	rm -rf $(VENV) runs
