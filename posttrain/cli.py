@@ -25,6 +25,7 @@ DESCRIPTIONS = {
     "grpo": "RL with verifiable rewards: GRPO, Dr. GRPO, DAPO, GSPO (--loss), RLOO/REINFORCE++ (--advantage)",
     "dpo": "preference optimisation: DPO, cDPO, IPO, SimPO, ORPO on pairs; KTO on unpaired rows (--loss)",
     "rm": "reward model: Bradley-Terry on a scalar head, saved for AutoModelForSequenceClassification",
+    "ppo": "PPO: value head, GAE, KL penalty (fixed or adaptive) and an optional KL trust region",
     "eval": "accuracy (strict/lenient), pass@k, perplexity and search strategies on held-out rows",
 }
 
@@ -217,6 +218,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             summary = run_rm(_stage_config(STAGE_CONFIGS["rm"], args, "rm"))
             print(json.dumps({k: summary[k] for k in ("final", "steps", "final_train_loss", "heldout", "wall_s")}))
+        elif args.command == "ppo":
+            from posttrain.train.ppo import run_ppo
+
+            summary = run_ppo(_stage_config(STAGE_CONFIGS["ppo"], args, "ppo"))
+            print(json.dumps({k: summary[k] for k in ("final", "steps", "final_score_mean", "kl_coef", "wall_s")}))
         elif args.command == "eval":
             from posttrain.eval.harness import evaluate
 

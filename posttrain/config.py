@@ -210,12 +210,42 @@ class RMConfig(LoopArgs, BatchArgs, OptimArgs, DataArgs, ModelArgs):
     data: str = opt("task:arithmetic_prefs", "preference rows {prompt, chosen, rejected[, margin]}")
 
 
+@dataclass(frozen=True)
+class PPOConfig(LoopArgs, OptimArgs, ModelArgs):
+    """PPO: value head, GAE, KL penalty in the reward (fixed or adaptive), optional KL trust region."""
+
+    data: str = opt("task:arithmetic", "prompt rows {prompt, ...}; other columns are passed to reward functions")
+    max_length: int = opt(512, "maximum prompt tokens (longer prompts are dropped and counted)")
+    reward: list[str] = opt(["correct"], "verifier/reward functions or rm:DIR (a reward model; rm:A+B an ensemble)")
+    reward_weights: list[float] = opt([], "one weight per reward function (default 1 each)")
+    reward_timeout_s: float = opt(30.0, "a reward call running longer than this fails")
+    reward_on_error: Literal["raise", "zero"] = opt("raise", "stop on a failing reward call, or score it 0")
+    batch_prompts: int = opt(8, "prompts per step")
+    samples_per_prompt: int = opt(4, "completions sampled per prompt")
+    max_new_tokens: int = opt(96, "generation limit per completion")
+    temperature: float = opt(1.0, "sampling temperature")
+    ppo_epochs: int = opt(2, "passes over each rollout batch")
+    minibatches: int = opt(2, "minibatches per pass (must divide the completions per step)")
+    clip_eps: float = opt(0.2, "policy ratio clip range")
+    value_clip: float = opt(0.2, "value clip range around the rollout-time values")
+    vf_coef: float = opt(0.1, "value-loss weight")
+    gamma: float = opt(1.0, "discount")
+    lam: float = opt(0.95, "GAE lambda")
+    whiten_advantages: bool = opt(True, "normalise advantages over each batch's tokens")
+    kl_coef: float = opt(0.05, "KL penalty coefficient (initial value for the adaptive controller); 0 = no reference")
+    kl_controller: Literal["fixed", "adaptive"] = opt("fixed", "keep kl_coef fixed or adapt it towards kl_target")
+    kl_target: float = opt(6.0, "adaptive controller: target KL per sequence (nats)")
+    kl_horizon: int = opt(10000, "adaptive controller: horizon in samples")
+    trust_region_kl: float = opt(0.0, "stop a batch's updates once mean KL to the rollout policy exceeds this; 0 = off")
+
+
 STAGE_CONFIGS: dict[str, type] = {
     "pretrain": PretrainConfig,
     "sft": SFTConfig,
     "grpo": GRPOConfig,
     "dpo": DPOConfig,
     "rm": RMConfig,
+    "ppo": PPOConfig,
     "eval": EvalConfig,
 }
 

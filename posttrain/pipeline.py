@@ -69,14 +69,31 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
     return recipe
 
 
-def stage_config(stage: dict[str, Any], *, index: int, out: Path, previous_model: str | None) -> tuple[str, Any]:
-    """(type, config) of one recipe stage; ``model`` defaults to the previous stage's result."""
-    values = {k: v for k, v in stage.items() if k not in ("name", "type", "use")}
+def stage_config(
+    stage: dict[str, Any],
+    *,
+    index: int,
+    out: Path,
+    previous_model: str | None,
+    artifacts: dict[str, str] | None = None,
+) -> tuple[str, Any]:
+    """(type, config) of one recipe stage; ``model`` defaults to the previous policy stage's result, and
+    ``@NAME`` in a value stands for stage NAME's result (e.g. ``reward: [rm:@rm]`` for a reward model)."""
+    artifacts = artifacts or {}
+
+    def expand(value: Any) -> Any:
+        if isinstance(value, list):
+            return [expand(v) for v in value]
+        if isinstance(value, str) and "@" in value:
+            for name, path in artifacts.items():
+                value = value.replace(f"@{name}", path)
+        return value
+
+    values = {k: expand(v) for k, v in stage.items() if k not in ("name", "type", "use")}
     kind = stage.get("type", stage["name"])
     if kind not in STAGE_CONFIGS or kind == "eval":
-        raise ConfigError(
-            f"stages[{index}].type: unknown stage type {kind!r} (choose one of pretrain, sft, grpo, dpo, rm)"
-        )
+        choices = ", ".join(k for k in STAGE_CONFIGS if k != "eval")
+        raise ConfigError(f"stages[{index}].type: unknown stage type {kind!r} (choose one of {choices})")
     values.setdefault("out", str(out / stage["name"]))
     if previous_model is not None:
         values.setdefault("model", previous_model)
@@ -169,6 +186,7 @@ def run_recipe(recipe: dict[str, Any], *, out: str | None = None, progress: bool
     started = time.perf_counter()
     stages: list[dict[str, Any]] = []
     previous: str | None = None
+    artifacts: dict[str, str] = {}
     for index, stage in enumerate(recipe["stages"]):
         t0 = time.perf_counter()
         if "use" in stage:
@@ -181,7 +199,7 @@ def run_recipe(recipe: dict[str, Any], *, out: str | None = None, progress: bool
                 "provenance": json.loads(provenance.read_text()) if provenance.exists() else None,
             }
         else:
-            kind, cfg = stage_config(stage, index=index, out=run_dir, previous_model=previous)
+            kind, cfg = stage_config(stage, index=index, out=run_dir, previous_model=previous, artifacts=artifacts)
             cfg = replace(cfg, progress=progress and cfg.progress)
             if kind == "grpo":
                 summary = run_grpo(cfg)
@@ -193,19 +211,28 @@ def run_recipe(recipe: dict[str, Any], *, out: str | None = None, progress: bool
                 from posttrain.train.rm import run_rm
 
                 summary = run_rm(cfg)
+            elif kind == "ppo":
+                from posttrain.train.ppo import run_ppo
+
+                summary = run_ppo(cfg)
             else:
                 summary = run_lm_stage(cfg, stage=kind)
-            previous = summary["final"]
+            artifacts[stage["name"]] = summary["final"]
+            if kind != "rm":  # a reward model is not the next policy: later stages refer to it as @NAME
+                previous = summary["final"]
             record = {
                 "name": stage["name"],
                 "source": "trained",
                 "type": kind,
-                "model": previous,
+                "model": summary["final"],
                 "train": summary,
                 "run_dir": cfg.out,
             }
         record["train_wall_s"] = time.perf_counter() - t0
-        record["eval"] = run_suite(previous, recipe)
+        if record.get("type") == "rm":
+            record["eval"] = {"pair_accuracy": record["train"]["heldout"]["pair_accuracy"]}
+        else:
+            record["eval"] = run_suite(previous, recipe)
         record["wall_s"] = time.perf_counter() - t0
         stages.append(record)
         print_stage_table(stages)

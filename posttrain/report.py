@@ -147,7 +147,8 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
         fig, axes = plt.subplots(1, len(trained), figsize=(5 * len(trained), 3.2), squeeze=False)
         for ax, s in zip(axes[0], trained):
             metrics = _read_metrics(s["run_dir"])
-            train = [(m["step"], m["loss"]) for m in metrics if m.get("loss") is not None]
+            key = "loss" if any(m.get("loss") is not None for m in metrics) else "pg_loss"  # PPO logs pg_loss
+            train = [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
             held = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
             if train:
                 ax.plot(*zip(*train), label="train loss")
@@ -155,7 +156,8 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
                 ax.plot(*zip(*held), "o-", label="held-out loss (task val split)")
             ax.set_title(f"{s['name']}: loss")
             ax.set_xlabel("step")
-            ax.legend()
+            if train or held:
+                ax.legend()
         images.append(("Loss curves", _png(fig)))
         plt.close(fig)
     for s in [s for s in trained if s.get("type") == "grpo"]:

@@ -75,3 +75,44 @@ def grpo_config(out: str | Path, **overrides: object) -> object:
         "reward_weights": [1.0, 0.5],
     }
     return build_config(GRPOConfig, {**values, **overrides}, path="grpo")
+
+
+PREFERENCE_GOLDEN = Path(__file__).parent / "golden" / "preference_tiny.json"
+
+
+def pinned_preference_curves() -> dict[str, list[float]]:
+    """Four steps each of DPO, reward-model and PPO training from the shipped base on fixed rows; returns the
+    per-step DPO losses and margins, RM losses and PPO score means and policy losses."""
+    from posttrain.config import DPOConfig, PPOConfig, RMConfig, build_config
+    from posttrain.tasks import get_task
+    from posttrain.train.dpo import run_dpo
+    from posttrain.train.ppo import run_ppo
+    from posttrain.train.rm import run_rm
+
+    common = {"model": "builtin:tiny-base", "max_steps": 4, "log_every": 1, "progress": False, "seed": 0}
+    out: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs = Path(tmp) / "pairs.jsonl"
+        rows = get_task("arithmetic_prefs").rows("val", 16)
+        pairs.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for r in rows))
+        pref = {**common, "data": str(pairs), "batch_size": 4, "lr": 1e-3, "max_length": 256}
+        run_dpo(build_config(DPOConfig, {**pref, "out": f"{tmp}/dpo"}, path="dpo"))
+        run_rm(build_config(RMConfig, {**pref, "out": f"{tmp}/rm", "eval_data": str(pairs)}, path="rm"))
+        ppo = {
+            **common,
+            "out": f"{tmp}/ppo",
+            "data": "task:arithmetic:val",
+            "batch_prompts": 2,
+            "samples_per_prompt": 2,
+            "max_new_tokens": 16,
+            "lr": 1e-3,
+            "reward": ["correct_lenient", "length_penalty"],
+        }
+        run_ppo(build_config(PPOConfig, ppo, path="ppo"))
+        read = lambda name: [json.loads(x) for x in (Path(tmp) / name / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+        out["dpo_loss"] = [r["loss"] for r in read("dpo")]
+        out["dpo_margin"] = [r["margin"] for r in read("dpo")]
+        out["rm_loss"] = [r["loss"] for r in read("rm")]
+        out["ppo_score_mean"] = [r["score_mean"] for r in read("ppo")]
+        out["ppo_pg_loss"] = [r["pg_loss"] for r in read("ppo")]
+    return out

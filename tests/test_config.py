@@ -81,3 +81,13 @@ def test_recipe_search_section_errors_name_the_entry(tmp_path):
     recipe["search"] = {"strategy": "beam"}
     with pytest.raises(ConfigError, match="search: expected"):
         search_configs(recipe)
+
+
+def test_recipe_stage_refers_to_an_earlier_stage_result(tmp_path):
+    stage = {"name": "ppo", "type": "ppo", "reward": ["rm:@rm", "format"], "lr": 1e-4}
+    kind, cfg = stage_config(
+        stage, index=3, out=tmp_path, previous_model="runs/sft/final", artifacts={"rm": "runs/rm/final"}
+    )
+    assert kind == "ppo" and cfg.reward == ["rm:runs/rm/final", "format"] and cfg.model == "runs/sft/final"
+    with pytest.raises(ConfigError, match=r"stages\[3\].type: unknown stage type 'ppx' \(choose one of .*ppo"):
+        stage_config({"name": "ppx"}, index=3, out=tmp_path, previous_model=None)

@@ -24,6 +24,7 @@ def completion_logps(
     rows: Any = None,
     with_entropy: bool = False,
     share_prompts: bool = True,
+    return_hidden: bool = False,
 ) -> Any:
     """(b, T) log-probs of the completion tokens of ``rows`` (default: all) under ``model``, one packed forward;
     with ``with_entropy`` also the (b, T) entropy of each token's distribution (detached).
@@ -31,7 +32,8 @@ def completion_logps(
     With ``share_prompts`` the completions of one prompt are packed after a single copy of it and attend to it
     through ``prefix_attention``: the prompt's tokens go through the model once instead of once per completion,
     and the numbers (and gradients) are those of the unshared computation. Positions past a completion's end are
-    0. Gradient flows when called outside ``torch.no_grad()``.
+    0. Gradient flows when called outside ``torch.no_grad()``. With ``return_hidden`` the last hidden state at
+    each predicting position (n_tokens, H), in the order of ``mask``, is returned last (for value heads).
     """
     rows = list(range(len(rollouts.prompt_index))) if rows is None else list(rows)
     members: dict[Any, list[int]] = {}
@@ -67,12 +69,14 @@ def completion_logps(
             ends.append(ends[-1] + prefix + branch)
         layout = {"posttrain_bounds": tuple(ends)}
     with packed_attention(model):
-        logits = model(
+        output = model(
             input_ids=torch.tensor([ids], device=device),
             position_ids=torch.tensor([positions], device=device),
             use_cache=False,
+            output_hidden_states=return_hidden,
             **layout,
-        ).logits
+        )
+    logits = output.logits
     scale = temperature if temperature > 0 else 1.0
     index = torch.tensor([i for row in logit_at for i in row], device=device)
     scaled = logits[0, index] / scale
@@ -81,9 +85,10 @@ def completion_logps(
     out = torch.zeros(len(rows), rollouts.mask.shape[1], dtype=flat.dtype, device=flat.device).masked_scatter(
         sub_mask, flat
     )
+    extra = (output.hidden_states[-1][0, index],) if return_hidden else ()
     if not with_entropy:
-        return out
+        return (out, *extra) if extra else out
     with torch.no_grad():
         logp_all = torch.log_softmax(scaled.float(), -1)
         ent = -(logp_all.exp() * logp_all).sum(-1)
-    return out, torch.zeros_like(out).masked_scatter(sub_mask, ent)
+    return (out, torch.zeros_like(out).masked_scatter(sub_mask, ent), *extra)
