@@ -100,3 +100,20 @@ def test_rm_resume_equals_uninterrupted(tmp_path):
     a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reward_model_scores_search_candidates(trained):
+    from posttrain.models.loading import load_model
+    from posttrain.search import SearchSpec, search
+
+    tmp, _ = trained
+    final = str(tmp / "run" / "final")
+    model, tok = load_model("builtin:tiny-base")
+    rows = [{k: r[k] for k in ("prompt", "answer")} for r in get_task("arithmetic").rows("test", 2)]
+    spec = SearchSpec(strategy="best_of_n", n=3, max_new_tokens=12, scorer=(f"rm:{final}",))
+    results = search(model, tok, rows, spec)
+    scorer = RewardModelScorer([final])
+    for result, row in zip(results, rows):
+        expected, _ = scorer.score([row["prompt"]] * 3, result.candidates)
+        assert result.scores == pytest.approx(expected, abs=1e-5)
+        assert result.completion == result.candidates[max(range(3), key=lambda i: (expected[i], -i))]
