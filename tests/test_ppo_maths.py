@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from posttrain.losses.ppo import AdaptiveKLController, FixedKLController, clipped_value_loss, gae, kl_exceeds, whiten
+from posttrain.losses.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    clipped_value_loss,
+    gae,
+    kl_exceeds,
+    token_surrogate,
+    whiten,
+)
 
 
 def slow_gae(rewards, values, lengths, gamma, lam):
@@ -83,3 +91,25 @@ def test_adaptive_kl_controller_moves_the_right_way():
 
 def test_trust_region_check():
     assert kl_exceeds(0.03, 0.02) and not kl_exceeds(0.01, 0.02) and not kl_exceeds(1.0, 0.0)
+
+
+def test_token_surrogate_hand_derived():
+    import math
+
+    old = torch.zeros(1, 3)
+    logps = torch.tensor([[math.log(1.5), math.log(0.5), math.log(1.1)]])  # ratios 1.5, 0.5, 1.1
+    adv = torch.tensor([[2.0, -1.0, 1.0]])
+    mask = torch.tensor([[True, True, False]])
+    loss = token_surrogate(logps, old, adv, mask, clip=0.2)
+    # 1.5 * 2 = 3 vs clipped 1.2 * 2 = 2.4 -> min 2.4 -> -2.4; 0.5 * -1 = -0.5 vs 0.8 * -1 = -0.8 -> min -0.8 -> 0.8
+    assert loss.tolist()[0] == pytest.approx([-2.4, 0.8, 0.0])
+    grad = torch.autograd.grad(token_surrogate(logps.requires_grad_(), old, adv, mask, clip=0.2).sum(), logps)[0]
+    assert grad.tolist()[0] == pytest.approx([0.0, 0.0, 0.0])  # both real tokens are clipped: no gradient
+    ones = token_surrogate(
+        torch.zeros(1, 2, requires_grad=True),
+        torch.zeros(1, 2),
+        torch.tensor([[1.0, -2.0]]),
+        torch.ones(1, 2, dtype=torch.bool),
+        clip=0.2,
+    )
+    assert ones.tolist()[0] == pytest.approx([-1.0, 2.0])  # ratio 1: the plain policy-gradient loss -A

@@ -44,6 +44,14 @@ def whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-
     return (out + (0 if shift_mean else mean)) * m
 
 
+def token_surrogate(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, *, clip: float) -> Tensor:
+    """Per-token PPO policy loss with per-token advantages: -min(r A_t, clip(r, 1 +- clip) A_t), r = exp(logp -
+    old_logp); 0 outside ``mask``."""
+    ratio = torch.exp(logps - old_logps)
+    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
+    return -surrogate * mask.to(surrogate.dtype)
+
+
 def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip: float) -> Tensor:
     """Per-token 0.5 max((V - R)^2, (clip(V, V_old +- clip) - R)^2): the value may not move more than ``clip``
     from its rollout-time estimate for free."""

@@ -27,7 +27,15 @@ from posttrain.data.batching import ResumableSampler
 from posttrain.data.encode import render_prompt
 from posttrain.errors import ConfigError, TrainingError
 from posttrain.eval.harness import generic_score
-from posttrain.losses.ppo import AdaptiveKLController, FixedKLController, clipped_value_loss, gae, kl_exceeds, whiten
+from posttrain.losses.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    clipped_value_loss,
+    gae,
+    kl_exceeds,
+    token_surrogate,
+    whiten,
+)
 from posttrain.rewards import parse_rewards, score_completions
 from posttrain.rollout import HFEngine, SamplingParams
 from posttrain.rollout.scoring import completion_logps
@@ -143,10 +151,8 @@ def run_ppo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
                 if updates and kl_exceeds(approx_kl, cfg.trust_region_kl):
                     stopped = True  # the policy left the trust region: no more updates on this batch
                     break
-                ratio = torch.exp(logps - old_logps[mb])
-                adv = advantages[mb]
-                surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
-                pg_loss = -(surrogate * m).sum() / n_tok
+                ratio = torch.exp(logps.detach() - old_logps[mb])
+                pg_loss = token_surrogate(logps, old_logps[mb], advantages[mb], m, clip=cfg.clip_eps).sum() / n_tok
                 vf_loss = clipped_value_loss(values, old_values[mb], returns[mb], m, clip=cfg.value_clip).sum() / n_tok
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 loss.backward()
