@@ -24,7 +24,7 @@ from posttrain.advantages import ESTIMATORS, varied_groups
 from posttrain.data.batching import ResumableSampler
 from posttrain.data.encode import render_prompt
 from posttrain.data.rows import load_rows, validate_rows
-from posttrain.errors import ConfigError, DataError, TrainingError
+from posttrain.errors import ConfigError, DataError
 from posttrain.eval.harness import generic_score
 from posttrain.losses.kl import KL_ESTIMATORS
 from posttrain.losses.policy import POLICY_LOSSES
@@ -33,8 +33,7 @@ from posttrain.rewards import parse_rewards, score_completions
 from posttrain.rewards.shaping import overlong_penalty
 from posttrain.rollout import HFEngine, SamplingParams
 from posttrain.rollout.scoring import completion_logps
-from posttrain.train.checkpoint import latest_checkpoint, save_checkpoint
-from posttrain.train.loop import make_optimizer, make_scheduler, restore_or_start
+from posttrain.train.loop import close_step, count_step, make_optimizer, make_scheduler, restore_or_start
 from posttrain.train.metrics import MetricsLog
 from posttrain.train.stage import model_for_training, peak_memory_mb, prepare_run_dir, save_model_dir
 
@@ -181,11 +180,7 @@ def run_grpo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
         finite = record.pop("finite")
         if sampler_model is not model:
             sync_weights(model, sampler_model)
-        if finite:
-            state["bad_in_row"] = 0
-        else:
-            state["skipped_steps"] += 1
-            state["bad_in_row"] += 1
+        count_step(state, finite)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         state.update(step=step, sampler=sampler.state_dict(), reward_failures=state["reward_failures"] + scores.failed)
@@ -208,20 +203,11 @@ def run_grpo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
         evaluated = bool(eval_rows) and (step % cfg.eval_every == 0 or step == cfg.max_steps)
         if evaluated:
             record.update(held_out_accuracy(eval_engine, eval_rows, cfg.max_new_tokens))
-        if step % cfg.log_every == 0 or step == cfg.max_steps or not finite or evaluated:
-            log.write(record)
-        bar.update(1)
         bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
-        if state["bad_in_row"] >= cfg.max_bad_steps:
-            bar.close()
-            raise TrainingError(
-                f"grpo: stopped at step {step} after {state['bad_in_row']} non-finite losses or"
-                f" gradients in a row; last good checkpoint: {latest_checkpoint(run_dir) or 'none'}"
-            )
-        if ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps) and state["bad_in_row"] == 0:
-            save_checkpoint(run_dir, step, model, optimizer, scheduler, state, keep=cfg.keep_checkpoints)
-        if stop_after is not None and step >= stop_after:
-            bar.close()
+        common = dict(state=state, log=log, bar=bar, model=model, optimizer=optimizer, scheduler=scheduler)
+        if close_step(
+            "grpo", run_dir, cfg, record, finite=finite, evaluated=evaluated, stop_after=stop_after, **common
+        ):
             return {"stage": "grpo", "steps": step, "stopped_early": True}
     bar.close()
     save_model_dir(model, tokenizer, run_dir / "final")

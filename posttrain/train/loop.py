@@ -244,3 +244,46 @@ def train(
         eval=final_eval,
         resumed_from=resumed_from,
     )
+
+
+def count_step(state: dict, finite: bool) -> None:
+    """Book a step as good or bad: a bad one is skipped and counted, and extends the streak of bad steps."""
+    state["bad_in_row"] = 0 if finite else state["bad_in_row"] + 1
+    state["skipped_steps"] += 0 if finite else 1
+
+
+def close_step(
+    stage: str,
+    run_dir: Path,
+    cfg: Any,
+    record: dict,
+    *,
+    finite: bool,
+    evaluated: bool,
+    state: dict,
+    log: MetricsLog,
+    bar: Any,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    stop_after: int | None,
+) -> bool:
+    """The end of a step of the RL and preference trainers: log the record (every ``log_every`` steps, the last,
+    a non-finite or an evaluated one), stop after ``max_bad_steps`` bad steps in a row (the last good checkpoint
+    stays), checkpoint (never during a bad streak). True when the caller must return early (``stop_after``)."""
+    step = record["step"]
+    if step % cfg.log_every == 0 or step == cfg.max_steps or not finite or evaluated:
+        log.write(record)
+    bar.update(1)
+    if state["bad_in_row"] >= cfg.max_bad_steps:
+        bar.close()
+        raise TrainingError(
+            f"{stage}: stopped at step {step} after {state['bad_in_row']} non-finite losses or gradients in a row;"
+            f" last good checkpoint: {latest_checkpoint(run_dir) or 'none'}"
+        )
+    if ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps) and state["bad_in_row"] == 0:
+        save_checkpoint(run_dir, step, model, optimizer, scheduler, state, keep=cfg.keep_checkpoints)
+    if stop_after is not None and step >= stop_after:
+        bar.close()
+        return True
+    return False

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from posttrain.data.batching import ResumableSampler
 from posttrain.data.encode import render_prompt
-from posttrain.errors import ConfigError, TrainingError
+from posttrain.errors import ConfigError
 from posttrain.eval.harness import generic_score
 from posttrain.losses.ppo import (
     AdaptiveKLController,
@@ -39,9 +39,8 @@ from posttrain.losses.ppo import (
 from posttrain.rewards import parse_rewards, score_completions
 from posttrain.rollout import HFEngine, SamplingParams
 from posttrain.rollout.scoring import completion_logps
-from posttrain.train.checkpoint import latest_checkpoint, save_checkpoint
 from posttrain.train.grpo import _prompt_rows, make_reference
-from posttrain.train.loop import make_optimizer, make_scheduler, restore_or_start
+from posttrain.train.loop import close_step, count_step, make_optimizer, make_scheduler, restore_or_start
 from posttrain.train.metrics import MetricsLog
 from posttrain.train.stage import model_for_training, peak_memory_mb, prepare_run_dir, save_model_dir
 
@@ -178,8 +177,7 @@ def run_ppo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
         rollout_kl = float(kl_tokens.sum(-1).mean())
         coef_used = controller.value
         controller.update(rollout_kl, n_steps=b)
-        state["bad_in_row"] = 0 if finite else state["bad_in_row"] + 1
-        state["skipped_steps"] += 0 if finite else 1
+        count_step(state, finite)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         state.update(step=step, sampler=sampler.state_dict(), kl_controller=controller.state_dict())
@@ -201,19 +199,8 @@ def run_ppo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
             **{k: v / max(updates, 1) for k, v in totals.items()},
             "step_s": round(time.perf_counter() - t0, 4),
         }
-        if step % cfg.log_every == 0 or step == cfg.max_steps or not finite:
-            log.write(record)
-        bar.update(1)
-        if state["bad_in_row"] >= cfg.max_bad_steps:
-            bar.close()
-            raise TrainingError(
-                f"ppo: stopped at step {step} after {state['bad_in_row']} non-finite steps in a row;"
-                f" last good checkpoint: {latest_checkpoint(run_dir) or 'none'}"
-            )
-        if ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps) and state["bad_in_row"] == 0:
-            save_checkpoint(run_dir, step, pv, optimizer, scheduler, state, keep=cfg.keep_checkpoints)
-        if stop_after is not None and step >= stop_after:
-            bar.close()
+        common = dict(state=state, log=log, bar=bar, model=pv, optimizer=optimizer, scheduler=scheduler)
+        if close_step("ppo", run_dir, cfg, record, finite=finite, evaluated=False, stop_after=stop_after, **common):
             return {"stage": "ppo", "steps": step, "stopped_early": True}
     bar.close()
     save_model_dir(policy, tokenizer, run_dir / "final")

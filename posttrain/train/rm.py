@@ -26,11 +26,10 @@ from tqdm.auto import tqdm
 from posttrain.data.batching import ResumableSampler, pack
 from posttrain.data.encode import EncodeStats, Example, apply_length_policy, encode_row
 from posttrain.data.rows import load_rows, validate_rows
-from posttrain.errors import ConfigError, DataError, TrainingError
+from posttrain.errors import ConfigError, DataError
 from posttrain.models.loading import load_tokenizer, resolve, save_model_dir
 from posttrain.models.varlen import packed_attention
-from posttrain.train.checkpoint import latest_checkpoint, save_checkpoint
-from posttrain.train.loop import make_optimizer, make_scheduler, restore_or_start
+from posttrain.train.loop import close_step, count_step, make_optimizer, make_scheduler, restore_or_start
 from posttrain.train.metrics import MetricsLog
 from posttrain.train.stage import default_eval_data, peak_memory_mb, prepare_run_dir, resolve_device
 
@@ -149,10 +148,7 @@ def run_rm(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
         finite = math.isfinite(totals["loss"]) and bool(torch.isfinite(grad_norm))
         if finite:
             optimizer.step()
-            state["bad_in_row"] = 0
-        else:
-            state["skipped_steps"] += 1
-            state["bad_in_row"] += 1
+        count_step(state, finite)
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
@@ -162,19 +158,8 @@ def run_rm(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
         evaluated = bool(eval_pairs) and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps)
         if evaluated:
             record["eval_pair_accuracy"] = pair_accuracy(model, eval_pairs)
-        if step % cfg.log_every == 0 or step == cfg.max_steps or not finite or evaluated:
-            log.write(record)
-        bar.update(1)
-        if state["bad_in_row"] >= cfg.max_bad_steps:
-            bar.close()
-            raise TrainingError(
-                f"rm: stopped at step {step} after {state['bad_in_row']} non-finite losses or gradients in a row;"
-                f" last good checkpoint: {latest_checkpoint(run_dir) or 'none'}"
-            )
-        if ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps) and state["bad_in_row"] == 0:
-            save_checkpoint(run_dir, step, model, optimizer, scheduler, state, keep=cfg.keep_checkpoints)
-        if stop_after is not None and step >= stop_after:
-            bar.close()
+        common = dict(state=state, log=log, bar=bar, model=model, optimizer=optimizer, scheduler=scheduler)
+        if close_step("rm", run_dir, cfg, record, finite=finite, evaluated=evaluated, stop_after=stop_after, **common):
             return {"stage": "rm", "steps": step, "stopped_early": True}
     bar.close()
     save_model_dir(model, tokenizer, run_dir / "final")
