@@ -17,6 +17,18 @@ import torch
 from torch import Tensor
 
 
+def shaped_rewards(scores: Tensor, kl_tokens: Tensor, mask: Tensor, *, kl_coef: float) -> Tensor:
+    """Per-token RLHF reward: -kl_coef x (log pi - log pi_ref) at every generated token, plus the sequence's
+    score at its last token. (B,), (B, T), (B, T) -> (B, T).
+
+    >>> shaped_rewards(torch.tensor([1.0]), torch.tensor([[0.5, 0.5, 0.0]]), torch.tensor([[1, 1, 0]]), kl_coef=0.1)
+    tensor([[-0.0500,  0.9500,  0.0000]])
+    """
+    rewards = torch.where(mask.bool(), -kl_coef * kl_tokens, torch.zeros((), dtype=kl_tokens.dtype))
+    last = mask.sum(-1).long() - 1
+    return rewards.index_put((torch.arange(len(scores)), last), scores.to(rewards.dtype), accumulate=True)
+
+
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation per token: delta_t = r_t + gamma V_{t+1} - V_t (V after the last real
     token is 0), A_t = delta_t + gamma lam A_{t+1}; returns (advantages, returns = advantages + values), both 0

@@ -12,6 +12,8 @@ returns (per-pair loss (B,), stats) where stats hold the implicit rewards ``chos
 - ``orpo``  NLL(chosen, token mean) - lambda log sigma(log odds(c) - log odds(r)), no reference (Hong et al. 2024)
 - ``kto``   unpaired (see ``kto_loss``)                                            (Ethayarajh et al. 2024)
 
+and the reward model's Bradley-Terry loss ``bradley_terry_loss`` on scalar rewards.
+
 With the policy equal to the reference, h = 0 and the DPO loss is exactly log 2:
 
     >>> import torch
@@ -132,6 +134,18 @@ def kto_loss(
     loss = torch.where(desirable, good, bad)
     rewards = (beta * ratio).detach()
     return loss, {"rewards": rewards, "kl": z.detach(), "desirable": desirable.float()}
+
+
+def bradley_terry_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-pair -log sigma(r_c - r_r - margin).
+
+    >>> float(bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0])))  # log 2
+    0.6931471824645996
+    """
+    diff = chosen - rejected - (0.0 if margin is None else margin)
+    return -F.logsigmoid(diff)
 
 
 PAIRED_LOSSES = {"dpo": dpo_loss, "cdpo": cdpo_loss, "ipo": ipo_loss, "simpo": simpo_loss, "orpo": orpo_loss}

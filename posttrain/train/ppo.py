@@ -33,6 +33,7 @@ from posttrain.losses.ppo import (
     clipped_value_loss,
     gae,
     kl_exceeds,
+    shaped_rewards,
     token_surrogate,
     whiten,
 )
@@ -129,9 +130,7 @@ def run_ppo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
                 with policy.disable_adapter() if reference is None else nullcontext():
                     ref_logps = completion_logps(reference or policy, rollouts, temperature=cfg.temperature)
                 kl_tokens = (old_logps - ref_logps) * mask
-            rewards = -controller.value * kl_tokens
-            last = mask.sum(-1) - 1
-            rewards[torch.arange(b), last] += scores
+            rewards = shaped_rewards(scores, kl_tokens, mask, kl_coef=controller.value)
             advantages, returns = gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
             if cfg.whiten_advantages:
                 advantages = whiten(advantages, mask)

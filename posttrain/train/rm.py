@@ -20,30 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from posttrain.data.batching import ResumableSampler, pack
 from posttrain.data.encode import EncodeStats, Example, apply_length_policy, encode_row
 from posttrain.data.rows import load_rows, validate_rows
 from posttrain.errors import ConfigError, DataError
+from posttrain.losses.preference import bradley_terry_loss
 from posttrain.models.loading import load_tokenizer, resolve, save_model_dir
 from posttrain.models.varlen import packed_attention
 from posttrain.train.loop import close_step, count_step, make_optimizer, make_scheduler, restore_or_start
 from posttrain.train.metrics import MetricsLog
 from posttrain.train.stage import default_eval_data, peak_memory_mb, prepare_run_dir, resolve_device
-
-
-def bradley_terry_loss(
-    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Per-pair -log sigma(r_c - r_r - margin).
-
-    >>> float(bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0])))  # log 2
-    0.6931471824645996
-    """
-    diff = chosen - rejected - (0.0 if margin is None else margin)
-    return -F.logsigmoid(diff)
 
 
 def load_reward_model(spec: str, *, dtype: str = "float32") -> tuple[Any, Any]:
