@@ -143,17 +143,27 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class GRPOConfig(LoopArgs, OptimArgs, ModelArgs):
-    """RL with verifiable rewards: GRPO and its family (Dr. GRPO, DAPO, GSPO; RLOO and REINFORCE++ baselines)."""
+class RewardArgs:
+    """Prompts and the reward functions that score their completions (shared by the RL trainers)."""
 
     data: str = opt("task:arithmetic", "prompt rows {prompt, ...}; other columns are passed to reward functions")
     max_length: int = opt(512, "maximum prompt tokens (longer prompts are dropped and counted)")
-    reward: list[str] = opt(["correct"], "reward functions: built-in names or module:function (comma-separated)")
+    reward: list[str] = opt(
+        ["correct"],
+        "reward functions, comma-separated: built-in names, module:function, or rm:DIR (a reward model; rm:A+B an"
+        " ensemble's mean)",
+    )
     reward_weights: list[float] = opt([], "one weight per reward function (default 1 each)")
     reward_timeout_s: float = opt(30.0, "a reward call running longer than this fails")
     reward_on_error: Literal["raise", "zero"] = opt(
         "raise", "stop on a failing reward call, or score it 0 and count it"
     )
+
+
+@dataclass(frozen=True)
+class GRPOConfig(LoopArgs, OptimArgs, RewardArgs, ModelArgs):
+    """RL with verifiable rewards: GRPO and its family (Dr. GRPO, DAPO, GSPO; RLOO and REINFORCE++ baselines)."""
+
     group_size: int = opt(8, "completions sampled per prompt (G)")
     batch_prompts: int = opt(8, "prompts per step (N); a step trains on N * G completions")
     max_new_tokens: int = opt(96, "generation limit per completion")
@@ -211,15 +221,9 @@ class RMConfig(LoopArgs, BatchArgs, OptimArgs, DataArgs, ModelArgs):
 
 
 @dataclass(frozen=True)
-class PPOConfig(LoopArgs, OptimArgs, ModelArgs):
+class PPOConfig(LoopArgs, OptimArgs, RewardArgs, ModelArgs):
     """PPO: value head, GAE, KL penalty in the reward (fixed or adaptive), optional KL trust region."""
 
-    data: str = opt("task:arithmetic", "prompt rows {prompt, ...}; other columns are passed to reward functions")
-    max_length: int = opt(512, "maximum prompt tokens (longer prompts are dropped and counted)")
-    reward: list[str] = opt(["correct"], "verifier/reward functions or rm:DIR (a reward model; rm:A+B an ensemble)")
-    reward_weights: list[float] = opt([], "one weight per reward function (default 1 each)")
-    reward_timeout_s: float = opt(30.0, "a reward call running longer than this fails")
-    reward_on_error: Literal["raise", "zero"] = opt("raise", "stop on a failing reward call, or score it 0")
     batch_prompts: int = opt(8, "prompts per step")
     samples_per_prompt: int = opt(4, "completions sampled per prompt")
     max_new_tokens: int = opt(96, "generation limit per completion")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import random
 import time
 from contextlib import nullcontext
@@ -33,7 +32,15 @@ from posttrain.rewards import parse_rewards, score_completions
 from posttrain.rewards.shaping import overlong_penalty
 from posttrain.rollout import HFEngine, SamplingParams
 from posttrain.rollout.scoring import completion_logps
-from posttrain.train.loop import close_step, count_step, make_optimizer, make_scheduler, restore_or_start
+from posttrain.train.loop import (
+    clip_and_step,
+    close_step,
+    count_step,
+    make_optimizer,
+    make_scheduler,
+    restore_or_start,
+    step_scheduler,
+)
 from posttrain.train.metrics import MetricsLog
 from posttrain.train.stage import model_for_training, peak_memory_mb, prepare_run_dir, save_model_dir
 
@@ -181,8 +188,7 @@ def run_grpo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
         if sampler_model is not model:
             sync_weights(model, sampler_model)
         count_step(state, finite)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+        lr = step_scheduler(scheduler)
         state.update(step=step, sampler=sampler.state_dict(), reward_failures=state["reward_failures"] + scores.failed)
         strict = [generic_score(c, str(r["answer"])) for c, r in zip(rollouts.texts, per_completion) if "answer" in r]
         record.update(
@@ -295,12 +301,8 @@ def update_policy(
             totals["kl"] += kl_value * weight
             totals["clip_fraction"] += float(stats["clip_fraction"]) * weight
             totals["entropy"] += float(masked_sum(entropy, mask[chunk]) / mask[chunk].sum().clamp(min=1)) * weight
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-        if math.isfinite(totals["loss"]) and bool(torch.isfinite(grad_norm)):
-            optimizer.step()
-        else:
-            record["finite"] = False
-        optimizer.zero_grad(set_to_none=True)
+        finite, grad_norm = clip_and_step(optimizer, params, cfg, totals["loss"])
+        record["finite"] = record["finite"] and finite
         record.update(totals, grad_norm=float(grad_norm))
     times["update_s"] = time.perf_counter() - t
     return record

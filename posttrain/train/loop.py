@@ -164,22 +164,13 @@ def train(
         batch_examples = [examples[i] for i in sampler.take(cfg.batch_size)]
         batches = [pack(batch_examples[i : i + micro]).to(device) for i in range(0, cfg.batch_size, micro)]
         loss_sum, correct, n_targets = forward_backward(model, batches, loss_fn)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         loss_value = float(loss_sum)
-        finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
+        # A non-finite loss or gradient never reaches the weights: skip, count, and stop if it persists.
+        finite, grad_norm = clip_and_step(optimizer, params, cfg, loss_value)
+        count_step(state, finite)
         if finite:
-            optimizer.step()
-            state["bad_in_row"] = 0
             last_loss = loss_value
-        else:
-            # A non-finite loss or gradient never reaches the weights: skip, count, and stop if it persists.
-            state["skipped_steps"] += 1
-            state["bad_in_row"] += 1
-        lr = scheduler.get_last_lr()[0]
-        with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
-            warnings.simplefilter("ignore", UserWarning)
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr = step_scheduler(scheduler)
         step_tokens = sum(b.num_tokens for b in batches)
         state.update(step=step, tokens=state["tokens"] + step_tokens, sampler=sampler.state_dict())
         window_tokens += step_tokens
@@ -244,6 +235,28 @@ def train(
         eval=final_eval,
         resumed_from=resumed_from,
     )
+
+
+def clip_and_step(optimizer: Any, params: list, cfg: Any, loss_value: float) -> tuple[bool, torch.Tensor]:
+    """Clip the accumulated gradient to ``cfg.max_grad_norm`` (0 = off) and step, unless the loss or the gradient
+    is non-finite: such an update never reaches the weights. Gradients are cleared either way.
+    Returns (finite, gradient norm before clipping)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+    finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite, grad_norm
+
+
+def step_scheduler(scheduler: Any) -> float:
+    """Advance the learning-rate schedule; returns the rate the step just taken used. (A skipped first step
+    makes torch warn about the call order; the order is right, so the warning is silenced.)"""
+    lr = scheduler.get_last_lr()[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
+    return lr
 
 
 def count_step(state: dict, finite: bool) -> None:

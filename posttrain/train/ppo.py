@@ -13,7 +13,6 @@ The maths lives in ``posttrain.losses.ppo``; this file wires it up.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from contextlib import nullcontext
@@ -41,7 +40,15 @@ from posttrain.rewards import parse_rewards, score_completions
 from posttrain.rollout import HFEngine, SamplingParams
 from posttrain.rollout.scoring import completion_logps
 from posttrain.train.grpo import _prompt_rows, make_reference
-from posttrain.train.loop import close_step, count_step, make_optimizer, make_scheduler, restore_or_start
+from posttrain.train.loop import (
+    clip_and_step,
+    close_step,
+    count_step,
+    make_optimizer,
+    make_scheduler,
+    restore_or_start,
+    step_scheduler,
+)
 from posttrain.train.metrics import MetricsLog
 from posttrain.train.stage import model_for_training, peak_memory_mb, prepare_run_dir, save_model_dir
 
@@ -154,14 +161,7 @@ def run_ppo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
                 vf_loss = clipped_value_loss(values, old_values[mb], returns[mb], m, clip=cfg.value_clip).sum() / n_tok
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(
-                    trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-                )
-                if math.isfinite(float(loss.detach())) and bool(torch.isfinite(norm)):
-                    optimizer.step()
-                else:
-                    finite = False
-                optimizer.zero_grad(set_to_none=True)
+                finite = clip_and_step(optimizer, trainable, cfg, float(loss.detach()))[0] and finite
                 updates += 1
                 clipped = ((ratio - 1).abs() > cfg.clip_eps) & m
                 for key, value in (
@@ -177,8 +177,7 @@ def run_ppo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
         coef_used = controller.value
         controller.update(rollout_kl, n_steps=b)
         count_step(state, finite)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+        lr = step_scheduler(scheduler)
         state.update(step=step, sampler=sampler.state_dict(), kl_controller=controller.state_dict())
         strict = [
             generic_score(c, str(r["answer"]))[0] for c, r in zip(rollouts.texts, per_completion) if "answer" in r

@@ -29,7 +29,15 @@ from posttrain.errors import ConfigError, DataError
 from posttrain.losses.preference import bradley_terry_loss
 from posttrain.models.loading import load_tokenizer, resolve, save_model_dir
 from posttrain.models.varlen import packed_attention
-from posttrain.train.loop import close_step, count_step, make_optimizer, make_scheduler, restore_or_start
+from posttrain.train.loop import (
+    clip_and_step,
+    close_step,
+    count_step,
+    make_optimizer,
+    make_scheduler,
+    restore_or_start,
+    step_scheduler,
+)
 from posttrain.train.metrics import MetricsLog
 from posttrain.train.stage import default_eval_data, peak_memory_mb, prepare_run_dir, resolve_device
 
@@ -132,14 +140,9 @@ def run_rm(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
             totals["loss"] += float(loss.detach().sum()) / len(index)
             totals["accuracy"] += float((chosen > rejected).sum()) / len(index)
             totals["margin"] += float((chosen - rejected).detach().sum()) / len(index)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-        finite = math.isfinite(totals["loss"]) and bool(torch.isfinite(grad_norm))
-        if finite:
-            optimizer.step()
+        finite, grad_norm = clip_and_step(optimizer, params, cfg, totals["loss"])
         count_step(state, finite)
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+        lr = step_scheduler(scheduler)
         state.update(step=step, sampler=sampler.state_dict())
         record = {"step": step, "lr": lr, "grad_norm": float(grad_norm), **totals}
         record["step_s"] = round(time.perf_counter() - t0, 4)
