@@ -101,7 +101,7 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
     import posttrain.train.loop as loop
     from posttrain.config import SFTConfig, build_config
-    from posttrain.train.data_prep import prepare_examples
+    from posttrain.data.prepare import prepare_examples
     from posttrain.train.metrics import MetricsLog
 
     tok, model, rows, counts = _setup(spec)
@@ -318,7 +318,7 @@ def _top_ops(spec: dict[str, Any]) -> str:
 
     import posttrain.train.loop as loop
     from posttrain.config import SFTConfig, build_config
-    from posttrain.train.data_prep import prepare_examples
+    from posttrain.data.prepare import prepare_examples
 
     tok, model, rows, _ = _setup(spec)
     data = prepare_examples(

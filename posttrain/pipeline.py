@@ -112,9 +112,9 @@ def suite_configs(recipe: dict[str, Any]) -> list[EvalConfig]:
 
 def run_suite(model_spec: str, recipe: dict[str, Any]) -> dict[str, Any]:
     """The recipe's evaluation suite on one model: the first task is the target, the others measure retention."""
+    from posttrain.distributed import resolve_device
     from posttrain.eval.harness import evaluate_model, perplexity
     from posttrain.models.loading import load_model
-    from posttrain.train.stage import resolve_device
 
     model, tokenizer = load_model(model_spec)
     model.to(resolve_device("auto"))
@@ -155,9 +155,9 @@ def search_configs(recipe: dict[str, Any]) -> list[EvalConfig]:
 
 def run_search_suite(model_spec: str, recipe: dict[str, Any]) -> list[dict[str, Any]]:
     """Every strategy of the recipe's ``search`` section on the final model: one point per (strategy, n)."""
+    from posttrain.distributed import resolve_device
     from posttrain.eval.harness import evaluate_search
     from posttrain.models.loading import load_model
-    from posttrain.train.stage import resolve_device
 
     configs = search_configs(recipe)
     if not configs:

@@ -13,8 +13,8 @@ GRPO_GOLDEN = Path(__file__).parent / "golden" / "grpo_tiny.json"
 def pinned_sft_losses() -> list[float]:
     """Train a fresh seeded tiny model for 8 steps on 32 arithmetic rows; return the per-step losses."""
     from posttrain.config import SFTConfig, build_config
+    from posttrain.data.prepare import prepare_examples
     from posttrain.models.tiny import build_model, build_tokenizer
-    from posttrain.train.data_prep import prepare_examples
     from posttrain.train.loop import train
 
     tok = build_tokenizer()

@@ -8,8 +8,8 @@ from math import comb
 import pytest
 
 from posttrain.eval.generate import Generations
-from posttrain.eval.harness import generic_score
 from posttrain.eval.metrics import ks_up_to, pass_at_k
+from posttrain.rewards.verify import generic_score
 from posttrain.tasks import get_task
 
 

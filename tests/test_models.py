@@ -55,8 +55,8 @@ def test_each_architecture_loads_trains_with_lora_and_merges(arch_dir, tmp_path,
 
     from posttrain.data.batching import pack
     from posttrain.data.encode import encode_row
+    from posttrain.eval.loss import packed_token_losses
     from posttrain.models.lora import add_lora, merge_adapter
-    from posttrain.train.forward import packed_token_losses
 
     arch, path = arch_dir
     model, tok = load_model(path)

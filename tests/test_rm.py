@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from posttrain.config import RMConfig, build_config
 from posttrain.losses.preference import bradley_terry_loss
 from posttrain.rewards import parse_rewards, score_completions
+from posttrain.rewards.model import RewardModelScorer
 from posttrain.tasks import get_task
-from posttrain.train.rm import RewardModelScorer, run_rm
+from posttrain.train.rm import run_rm
 
 
 def test_bradley_terry_hand_derived_and_swap():

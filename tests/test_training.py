@@ -13,10 +13,10 @@ from posttrain.config import SFTConfig, build_config
 from posttrain.data.batching import pack
 from posttrain.data.encode import encode_row
 from posttrain.errors import TrainingError
+from posttrain.eval.loss import packed_token_losses
 from posttrain.losses import token_logps
 from posttrain.tasks import get_task
 from posttrain.train.checkpoint import latest_checkpoint
-from posttrain.train.forward import packed_token_losses
 from posttrain.train.loop import train
 
 

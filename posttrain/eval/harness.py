@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -20,33 +19,13 @@ import torch
 
 from posttrain.data.encode import render_prompt
 from posttrain.data.rows import load_rows, validate_rows
+from posttrain.distributed import resolve_device
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval.generate import generate_texts
 from posttrain.eval.metrics import ks_up_to, pass_at_k
 from posttrain.models.loading import load_model
+from posttrain.rewards.verify import generic_score
 from posttrain.tasks import get_task
-from posttrain.tasks.base import last_integer
-from posttrain.train.stage import resolve_device
-
-_ANSWER_LINE = re.compile(r"(?:^|\n)\s*(?:Answer|answer|ANSWER)\s*[:=]\s*(.+?)\s*$")
-
-
-def generic_score(completion: str, answer: str) -> tuple[bool, bool]:
-    """Verifier for user data: strict = the reply ends with "Answer: <answer>" or is exactly the answer;
-    lenient = the last number (for numeric answers) or the answer text appears anywhere.
-
-    >>> generic_score("so 3+4=7\\nAnswer: 7", "7"), generic_score("it is 7.", "7")
-    ((True, True), (False, True))
-    """
-    gold = answer.strip()
-    text = completion.strip()
-    match = _ANSWER_LINE.search(text)
-    strict = text == gold or (match is not None and match.group(1).rstrip(".") == gold)
-    if re.fullmatch(r"-?\d+", gold):
-        lenient = last_integer(text) == gold
-    else:
-        lenient = re.search(r"(?<!\w)" + re.escape(gold.lower()) + r"(?!\w)", text.lower()) is not None
-    return strict, lenient or strict
 
 
 def _rows_and_scorer(cfg: Any) -> tuple[list[dict], Any, str]:
@@ -186,8 +165,8 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: Any, *, helper: Any = None) 
 
 def perplexity(model: Any, tokenizer: Any, source: str, *, max_length: int = 512) -> float:
     """Token-level perplexity of ``model`` on text rows (all tokens count)."""
-    from posttrain.train.data_prep import prepare_examples
-    from posttrain.train.forward import mean_nll
+    from posttrain.data.prepare import prepare_examples
+    from posttrain.eval.loss import mean_nll
 
     data = prepare_examples(
         source, tokenizer, kind="text", max_length=max_length, length_policy="truncate", completion_only=False

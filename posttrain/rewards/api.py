@@ -34,7 +34,7 @@ def load_reward(spec: str) -> Callable[..., Any]:
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
     if spec.startswith("rm:"):
-        from posttrain.train.rm import RewardModelScorer
+        from posttrain.rewards.model import RewardModelScorer
 
         return RewardModelScorer([p for p in spec[3:].split("+") if p])
     module_name, sep, attr = spec.partition(":")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from posttrain.eval.harness import generic_score
+from posttrain.rewards.verify import generic_score
 
 _ANSWER_LINE = re.compile(r"(?:^|\n)Answer: \S.*\s*$")
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from posttrain.data.batching import ResumableSampler, pack
 from posttrain.data.encode import EncodeStats, Example, apply_length_policy, encode_row
 from posttrain.data.rows import load_rows, validate_rows
+from posttrain.distributed import peak_memory_mb
 from posttrain.errors import ConfigError
 from posttrain.losses.logprobs import token_logps
 from posttrain.losses.preference import PAIRED_LOSSES, REFERENCE_FREE, kto_loss
@@ -38,12 +39,7 @@ from posttrain.train.loop import (
     step_scheduler,
 )
 from posttrain.train.metrics import MetricsLog
-from posttrain.train.stage import (
-    model_for_training,
-    peak_memory_mb,
-    prepare_run_dir,
-    save_model_dir,
-)
+from posttrain.train.stage import model_for_training, prepare_run_dir, save_model_dir
 
 
 def encode_pairs(source: Any, tokenizer: Any, cfg: Any) -> tuple[list[tuple[Example, ...]], list[bool], dict]:

@@ -23,13 +23,14 @@ from posttrain.advantages import ESTIMATORS, varied_groups
 from posttrain.data.batching import ResumableSampler
 from posttrain.data.encode import render_prompt
 from posttrain.data.rows import load_rows, validate_rows
+from posttrain.distributed import peak_memory_mb
 from posttrain.errors import ConfigError, DataError
-from posttrain.eval.harness import generic_score
 from posttrain.losses.kl import KL_ESTIMATORS
 from posttrain.losses.policy import POLICY_LOSSES
 from posttrain.losses.reduce import masked_sum
 from posttrain.rewards import parse_rewards, score_completions
 from posttrain.rewards.shaping import overlong_penalty
+from posttrain.rewards.verify import generic_score
 from posttrain.rollout import HFEngine, SamplingParams
 from posttrain.rollout.scoring import completion_logps
 from posttrain.train.loop import (
@@ -42,7 +43,7 @@ from posttrain.train.loop import (
     step_scheduler,
 )
 from posttrain.train.metrics import MetricsLog
-from posttrain.train.stage import model_for_training, peak_memory_mb, prepare_run_dir, save_model_dir
+from posttrain.train.stage import model_for_training, prepare_run_dir, save_model_dir
 
 
 def _prompt_rows(cfg: Any, tokenizer: Any) -> tuple[list[dict], int]:

@@ -24,9 +24,9 @@ from transformers import get_scheduler
 from posttrain.data.batching import PackedBatch, ResumableSampler, pack
 from posttrain.data.encode import Example
 from posttrain.errors import ConfigError, TrainingError
+from posttrain.eval.loss import mean_nll, packed_token_losses
 from posttrain.losses import masked_sum
 from posttrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from posttrain.train.forward import mean_nll, packed_token_losses
 from posttrain.train.metrics import MetricsLog
 
 LossFn = Callable[[Any, PackedBatch], tuple[torch.Tensor, torch.Tensor]]

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from posttrain.data.batching import ResumableSampler
 from posttrain.data.encode import render_prompt
+from posttrain.distributed import peak_memory_mb
 from posttrain.errors import ConfigError
-from posttrain.eval.harness import generic_score
 from posttrain.losses.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -37,6 +37,7 @@ from posttrain.losses.ppo import (
     whiten,
 )
 from posttrain.rewards import parse_rewards, score_completions
+from posttrain.rewards.verify import generic_score
 from posttrain.rollout import HFEngine, SamplingParams
 from posttrain.rollout.scoring import completion_logps
 from posttrain.train.grpo import _prompt_rows, make_reference
@@ -50,7 +51,7 @@ from posttrain.train.loop import (
     step_scheduler,
 )
 from posttrain.train.metrics import MetricsLog
-from posttrain.train.stage import model_for_training, peak_memory_mb, prepare_run_dir, save_model_dir
+from posttrain.train.stage import model_for_training, prepare_run_dir, save_model_dir
 
 
 class PolicyWithValue(torch.nn.Module):

@@ -14,21 +14,20 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from posttrain.data.batching import ResumableSampler, pack
+from posttrain.data.batching import ResumableSampler
 from posttrain.data.encode import EncodeStats, Example, apply_length_policy, encode_row
 from posttrain.data.rows import load_rows, validate_rows
+from posttrain.distributed import peak_memory_mb, resolve_device
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.preference import bradley_terry_loss
-from posttrain.models.loading import load_tokenizer, resolve, save_model_dir
-from posttrain.models.varlen import packed_attention
+from posttrain.models.loading import save_model_dir
+from posttrain.rewards.model import load_reward_model, sequence_rewards
 from posttrain.train.loop import (
     clip_and_step,
     close_step,
@@ -39,31 +38,7 @@ from posttrain.train.loop import (
     step_scheduler,
 )
 from posttrain.train.metrics import MetricsLog
-from posttrain.train.stage import default_eval_data, peak_memory_mb, prepare_run_dir, resolve_device
-
-
-def load_reward_model(spec: str, *, dtype: str = "float32") -> tuple[Any, Any]:
-    """(sequence-classification model with one label, tokenizer) for a causal-LM or reward-model directory."""
-    from transformers import AutoModelForSequenceClassification
-
-    path = resolve(spec)
-    tokenizer = load_tokenizer(spec)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=getattr(torch, dtype), pad_token_id=tokenizer.pad_token_id
-    )
-    return model, tokenizer
-
-
-def sequence_rewards(model: Any, examples: list[Example]) -> torch.Tensor:
-    """(n,) rewards of ``examples``: score head on each packed sequence's last hidden state."""
-    device = next(model.parameters()).device
-    batch = pack(examples).to(device)
-    with packed_attention(model):
-        hidden = model.base_model(
-            input_ids=batch.input_ids, position_ids=batch.position_ids, posttrain_bounds=batch.bounds, use_cache=False
-        ).last_hidden_state
-    last = torch.tensor(batch.bounds[1:], device=device) - 1
-    return model.score(hidden[0, last]).squeeze(-1).float()
+from posttrain.train.stage import default_eval_data, prepare_run_dir
 
 
 def encode_pairs(source: Any, tokenizer: Any, cfg: Any) -> tuple[list[tuple[Example, Example]], list[float], dict]:
@@ -171,42 +146,3 @@ def run_rm(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
-
-
-class RewardModelScorer:
-    """Reward of (prompt, reply) under one reward model or the mean of an ensemble (``disagreement`` = their
-    standard deviation, a reward-hacking signal). Usable as a reward function: ``--reward rm:DIR[+DIR...]``.
-
-    The scorer receives the row's prompt (``wants_prompt``); replies are scored as the assistant turn."""
-
-    wants_prompt = True
-
-    def __init__(self, paths: list[str]):
-        if not paths:
-            raise ConfigError("reward rm: give at least one reward-model directory (rm:DIR or rm:DIR1+DIR2)")
-        self.models = []
-        for path in paths:
-            if not Path(path).is_dir():
-                raise ConfigError(f"reward rm:{path}: no such reward-model directory")
-            model, tokenizer = load_reward_model(path)
-            self.models.append(model.eval())
-            self.tokenizer = tokenizer
-
-    @torch.no_grad()
-    def score(self, prompts: list[Any], completions: list[str]) -> tuple[list[float], list[float]]:
-        """(mean reward, disagreement) per (prompt, completion)."""
-        examples = [
-            encode_row(
-                {"prompt": p, "completion": [{"role": "assistant", "content": c}] if isinstance(p, list) else c},
-                self.tokenizer,
-                completion_only=False,
-            )
-            for p, c in zip(prompts, completions)
-        ]
-        per_model = [sequence_rewards(m, examples).tolist() for m in self.models]
-        means = [statistics.fmean(values) for values in zip(*per_model)]
-        spread = [statistics.pstdev(values) if len(values) > 1 else 0.0 for values in zip(*per_model)]
-        return means, spread
-
-    def __call__(self, completion: str, *, prompt: Any = None, **_: Any) -> float:
-        return self.score([prompt if prompt is not None else ""], [completion])[0][0]

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -22,30 +21,14 @@ import torch
 import yaml
 
 from posttrain.config import to_dict
+from posttrain.data.prepare import mix_replay, prepare_examples
+from posttrain.distributed import peak_memory_mb, resolve_device
 from posttrain.errors import ConfigError
 from posttrain.models.loading import load_model, save_model_dir
 from posttrain.models.lora import add_lora
-from posttrain.train.data_prep import mix_replay, prepare_examples
 from posttrain.train.loop import train
 
 FRESH_MODELS = {"builtin:tiny": "tiny", "builtin:small": "small"}
-
-
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process (CPU) or peak allocated memory (CUDA), in MiB."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` is CUDA when available, else CPU."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(spec)
-    except RuntimeError as err:
-        raise ConfigError(f"device: {err}") from None
 
 
 def prepare_run_dir(cfg: Any, stage: str) -> Path:
