@@ -18,7 +18,7 @@ from posttrain.models.loading import load_model
 from posttrain.models.lora import add_lora, merge_adapter
 from posttrain.pipeline import load_recipe, run_demo, run_recipe
 from posttrain.tasks import get_task
-from posttrain.train.stage import run_pretrain, run_sft
+from posttrain.train.sft import run_pretrain, run_sft
 
 __version__ = "0.1.0"
 

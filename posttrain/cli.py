@@ -11,23 +11,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from collections.abc import Sequence
 from typing import Any
 
-from posttrain.config import STAGE_CONFIGS, build_config, field_help
+from posttrain.config import EvalConfig, build_config, field_help
 from posttrain.errors import ConfigError, PosttrainError
-
-DESCRIPTIONS = {
-    "pretrain": "train a causal LM on text rows (from scratch with --model builtin:tiny)",
-    "sft": "supervised fine-tuning, full or LoRA (--lora-rank R)",
-    "grpo": "RL with verifiable rewards: GRPO, Dr. GRPO, DAPO, GSPO (--loss), RLOO/REINFORCE++ (--advantage)",
-    "dpo": "preference optimisation: DPO, cDPO, IPO, SimPO, ORPO on pairs; KTO on unpaired rows (--loss)",
-    "rm": "reward model: Bradley-Terry on a scalar head, saved for AutoModelForSequenceClassification",
-    "ppo": "PPO: value head, GAE, KL penalty (fixed or adaptive) and an optional KL trust region",
-    "eval": "accuracy (strict/lenient), pass@k, perplexity and search strategies on held-out rows",
-}
+from posttrain.stages import STAGES
 
 
 def _flag_value(raw: str, tp: Any, flag: str) -> Any:
@@ -111,9 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="run directory (default: the recipe's out)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    for name, cls in STAGE_CONFIGS.items():
-        p = sub.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name] + "\n\n" + (cls.__doc__ or ""))
-        _add_config_flags(p, cls)
+    for info in STAGES.values():
+        p = sub.add_parser(
+            info.name, help=info.description, description=info.description + "\n\n" + (info.config.__doc__ or "")
+        )
+        _add_config_flags(p, info.config)
+    description = "accuracy (strict/lenient), pass@k, perplexity and search strategies on held-out rows"
+    _add_config_flags(sub.add_parser("eval", help=description, description=description), EvalConfig)
     gen = sub.add_parser("generate", help="generate completions for prompts")
     gen.add_argument("--model", required=True)
     gen.add_argument("--prompt", action="append", default=[], help="a user message (repeatable)")
@@ -198,35 +194,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             from posttrain.pipeline import load_recipe, run_recipe
 
             run_recipe(load_recipe(args.recipe, args.overrides), out=args.out, progress=not args.no_progress)
-        elif args.command in ("pretrain", "sft"):
-            from posttrain.train.stage import run_lm_stage
-
-            summary = run_lm_stage(_stage_config(STAGE_CONFIGS[args.command], args, args.command), stage=args.command)
-            print(json.dumps({k: summary[k] for k in ("final", "steps", "final_train_loss", "heldout", "wall_s")}))
-        elif args.command == "grpo":
-            from posttrain.train.grpo import run_grpo
-
-            summary = run_grpo(_stage_config(STAGE_CONFIGS["grpo"], args, "grpo"))
-            print(json.dumps({k: summary[k] for k in ("final", "steps", "final_reward_mean", "wall_s")}))
-        elif args.command == "dpo":
-            from posttrain.train.dpo import run_dpo
-
-            summary = run_dpo(_stage_config(STAGE_CONFIGS["dpo"], args, "dpo"))
-            print(json.dumps({k: summary[k] for k in ("final", "steps", "final_train_loss", "heldout", "wall_s")}))
-        elif args.command == "rm":
-            from posttrain.train.rm import run_rm
-
-            summary = run_rm(_stage_config(STAGE_CONFIGS["rm"], args, "rm"))
-            print(json.dumps({k: summary[k] for k in ("final", "steps", "final_train_loss", "heldout", "wall_s")}))
-        elif args.command == "ppo":
-            from posttrain.train.ppo import run_ppo
-
-            summary = run_ppo(_stage_config(STAGE_CONFIGS["ppo"], args, "ppo"))
-            print(json.dumps({k: summary[k] for k in ("final", "steps", "final_score_mean", "kl_coef", "wall_s")}))
+        elif args.command in STAGES:
+            info = STAGES[args.command]
+            summary = info.run(_stage_config(info.config, args, info.name))
+            if summary.get("world_size", 1) == 1 or _rank() == 0:
+                print(json.dumps({k: summary.get(k) for k in info.prints}))
         elif args.command == "eval":
             from posttrain.eval.harness import evaluate
 
-            result = evaluate(_stage_config(STAGE_CONFIGS["eval"], args, "eval"))
+            result = evaluate(_stage_config(EvalConfig, args, "eval"))
             print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=1))
         elif args.command == "generate":
             _generate(args)
@@ -235,12 +211,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(merge_adapter(args.model, args.lora, args.out))
     except PosttrainError as err:
-        print(f"posttrain {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(args.command, str(err), 2)
     except KeyboardInterrupt:
         print(f"posttrain {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        if _world() > 1 and type(err).__name__ in ("DistBackendError", "DistNetworkError", "RuntimeError"):
+            # A peer died (its own error is reported by itself) and a collective failed here: no traceback.
+            return _fail(args.command, f"stopped: another rank failed ({type(err).__name__})", 1)
+        raise
     return 0
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _fail(command: str, message: str, status: int) -> int:
+    """Print a user error once per job (under torchrun: by the first rank that hits it) and exit every rank."""
+    from posttrain.distributed import report_error_once
+
+    if report_error_once(message):
+        where = f" (rank {_rank()} of {_world()})" if _world() > 1 else ""
+        print(f"posttrain {command}: error{where}: {message}", file=sys.stderr, flush=True)
+    if _world() > 1:
+        # Peers may be blocked in a collective that will never complete: leave now, torchrun stops the rest.
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":

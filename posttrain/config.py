@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,27 +35,54 @@ def opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+def _positive(cfg: Any, *names: str) -> Iterator[tuple[str, str]]:
+    for name in names:
+        if getattr(cfg, name) < 1:
+            yield name, f"must be at least 1, got {getattr(cfg, name)}"
+
+
 @dataclass(frozen=True)
 class ModelArgs:
     model: str = opt("builtin:tiny-base", "local HF model dir, PEFT adapter dir, hub id, or builtin:tiny-base")
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "weights dtype")
     trust_remote_code: bool = opt(False, "allow custom model code from the model dir (off by default)")
+
+
+@dataclass(frozen=True)
+class LoraArgs:
     lora_rank: int = opt(0, "LoRA rank; 0 = full fine-tune")
     lora_alpha: float = opt(16.0, "LoRA scaling alpha")
     lora_dropout: float = opt(0.0, "dropout on the LoRA input")
     lora_targets: list[str] = opt([], "module names to adapt; empty = every linear layer but the output head")
 
+    def validate(self) -> Iterator[tuple[str, str]]:
+        if self.lora_rank < 0:
+            yield "lora_rank", f"must be >= 0, got {self.lora_rank}"
+
 
 @dataclass(frozen=True)
 class DataArgs:
     data: str = opt("task:arithmetic", "training rows: a .jsonl/.parquet/.csv file, task:NAME[:SPLIT] or corpus")
-    eval_data: str = opt("", "held-out rows for periodic eval loss (default: the task's val split, if any)")
+    eval_data: str = opt("", "held-out rows (default: the task's val split when data is task:NAME, else none)")
     max_length: int = opt(512, "maximum tokens per sequence")
     length_policy: Literal["truncate", "drop"] = opt("truncate", "what to do with rows over max_length")
-    completion_only_loss: bool = opt(True, "train on completion/assistant tokens only (False: all tokens)")
     skip_bad_rows: bool = opt(False, "skip malformed rows (count and reasons go to bad_rows.json) instead of stopping")
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        yield from _positive(self, "max_length")
+
+
+@dataclass(frozen=True)
+class LMArgs:
+    completion_only_loss: bool = opt(True, "train on completion/assistant tokens only (False: all tokens)")
     replay_data: str = opt("", "earlier-stage rows mixed into training against forgetting (e.g. corpus)")
     replay_fraction: float = opt(0.0, "share of training examples drawn from replay_data, in [0, 1)")
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        if not 0.0 <= self.replay_fraction < 1.0:
+            yield "replay_fraction", f"must be in [0, 1), got {self.replay_fraction}"
+        elif self.replay_fraction and not self.replay_data:
+            yield "replay_data", f"replay_fraction={self.replay_fraction} needs replay_data"
 
 
 @dataclass(frozen=True)
@@ -65,7 +94,32 @@ class OptimArgs:
     warmup_steps: int = opt(0, "linear warm-up steps")
     schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "learning-rate decay after warm-up")
     max_grad_norm: float = opt(1.0, "gradient clipping norm; 0 = off")
-    grad_accum: int = opt(1, "micro-batches per optimiser step (batch_size must divide evenly)")
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            yield "lr", f"must be a positive number, got {self.lr}"
+        if self.warmup_steps < 0:
+            yield "warmup_steps", f"must be >= 0, got {self.warmup_steps}"
+
+
+@dataclass(frozen=True)
+class AccumArgs:
+    grad_accum: int = opt(1, "micro-batches per optimiser step, per rank (the batch must divide evenly)")
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        yield from _positive(self, "grad_accum")
+
+
+@dataclass(frozen=True)
+class BatchArgs:
+    batch_size: int = opt(8, "rows per optimiser step over all ranks and micro-batches (the global batch)")
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        if self.batch_size < 1 or self.batch_size % self.grad_accum:
+            yield (
+                "batch_size",
+                (f"{self.batch_size} rows cannot be split into grad_accum={self.grad_accum} equal micro-batches"),
+            )
 
 
 @dataclass(frozen=True)
@@ -75,27 +129,47 @@ class LoopArgs:
     seed: int = opt(0, "seed for init, data order and sampling")
     save_every: int = opt(0, "checkpoint every N steps; 0 = only at the end")
     keep_checkpoints: int = opt(2, "newest complete checkpoints to keep")
-    eval_every: int = opt(0, "held-out eval loss every N steps; 0 = only at the end")
+    eval_every: int = opt(
+        0,
+        "held-out evaluation every N steps (and before step 1); 0 = only after the last step. What is measured"
+        " is the stage's own: loss for sft/pretrain, loss and preference accuracy for dpo, pair accuracy for rm,"
+        " greedy answer accuracy for grpo/ppo",
+    )
     log_every: int = opt(10, "write metrics every N steps")
     resume: bool = opt(False, "continue from the newest complete checkpoint in out (fresh start if none)")
     max_bad_steps: int = opt(5, "stop after this many non-finite steps in a row")
-    threads: int = opt(0, "torch CPU threads; 0 = torch's default")
-    device: str = opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available, else cpu)")
     progress: bool = opt(True, "show progress bars")
 
+    def validate(self) -> Iterator[tuple[str, str]]:
+        yield from _positive(self, "max_steps", "log_every", "max_bad_steps")
+        for name in ("save_every", "eval_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                yield name, f"must be >= 0, got {getattr(self, name)}"
+
 
 @dataclass(frozen=True)
-class BatchArgs:
-    batch_size: int = opt(8, "sequences per optimiser step (over all micro-batches)")
+class RuntimeArgs:
+    device: str = opt(
+        "auto", "cpu, cuda, cuda:N, or auto (cuda when available, else cpu); under torchrun each rank takes its own GPU"
+    )
+    threads: int = opt(0, "torch CPU threads per process; 0 = torch's default")
+    mixed_precision: Literal["no", "bf16"] = opt(
+        "no", "bf16: forward and backward under bf16 autocast (weights and optimiser state stay in their dtype)"
+    )
+    fsdp: bool = opt(False, "under torchrun: shard parameters, gradients and optimiser state (FSDP2) instead of DDP")
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        if self.threads < 0:
+            yield "threads", f"must be >= 0, got {self.threads}"
 
 
 @dataclass(frozen=True)
-class SFTConfig(LoopArgs, BatchArgs, OptimArgs, DataArgs, ModelArgs):
+class SFTConfig(RuntimeArgs, LoopArgs, BatchArgs, AccumArgs, OptimArgs, LMArgs, DataArgs, LoraArgs, ModelArgs):
     """Supervised fine-tuning (full or LoRA) on prompt/completion, messages or text rows."""
 
 
 @dataclass(frozen=True)
-class PretrainConfig(LoopArgs, BatchArgs, OptimArgs, DataArgs, ModelArgs):
+class PretrainConfig(RuntimeArgs, LoopArgs, BatchArgs, AccumArgs, OptimArgs, LMArgs, DataArgs, LoraArgs, ModelArgs):
     """Causal-LM training from scratch (``model: builtin:tiny`` / ``builtin:small``) or continued pretraining."""
 
     completion_only_loss: bool = opt(False, "train on all tokens (pretraining default)")
@@ -147,6 +221,10 @@ class RewardArgs:
     """Prompts and the reward functions that score their completions (shared by the RL trainers)."""
 
     data: str = opt("task:arithmetic", "prompt rows {prompt, ...}; other columns are passed to reward functions")
+    eval_data: str = opt(
+        "", "held-out rows {prompt, answer} for the greedy accuracy (default: the task's val split for task:NAME)"
+    )
+    eval_limit: int = opt(200, "held-out rows used for the greedy accuracy (the first N)")
     max_length: int = opt(512, "maximum prompt tokens (longer prompts are dropped and counted)")
     reward: list[str] = opt(
         ["correct"],
@@ -159,17 +237,44 @@ class RewardArgs:
         "raise", "stop on a failing reward call, or score it 0 and count it"
     )
 
+    def validate(self) -> Iterator[tuple[str, str]]:
+        if not self.reward:
+            yield "reward", "give at least one reward function"
+        if self.reward_weights and len(self.reward_weights) != len(self.reward):
+            yield "reward_weights", f"{len(self.reward_weights)} weights for {len(self.reward)} reward functions"
+
 
 @dataclass(frozen=True)
-class GRPOConfig(LoopArgs, OptimArgs, RewardArgs, ModelArgs):
+class RolloutArgs:
+    """How completions are sampled during RL."""
+
+    batch_prompts: int = opt(8, "prompts per step over all ranks (N); groups are never split across ranks")
+    max_new_tokens: int = opt(96, "generation limit per completion")
+    temperature: float = opt(1.0, "sampling temperature")
+    top_p: float = opt(1.0, "nucleus sampling mass")
+    rollout_engine: Literal["hf", "vllm"] = opt(
+        "hf", "generation backend: hf (built-in, any device) or vllm (GPU only; pip install 'posttrain[vllm]')"
+    )
+    rollout_dtype: Literal["auto", "float32", "bfloat16"] = opt(
+        "auto",
+        "weights used for sampling: auto = the trained weights themselves; bfloat16 = a bf16 copy refreshed after"
+        " every update (faster where bf16 matmuls are; rollout and trainer log-probs then differ by bf16 rounding)",
+    )
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        yield from _positive(self, "batch_prompts", "max_new_tokens")
+        if self.temperature <= 0:
+            yield "temperature", f"must be > 0 for RL sampling, got {self.temperature}"
+        if not 0 < self.top_p <= 1:
+            yield "top_p", f"must be in (0, 1], got {self.top_p}"
+
+
+@dataclass(frozen=True)
+class GRPOConfig(RuntimeArgs, LoopArgs, AccumArgs, OptimArgs, RolloutArgs, RewardArgs, LoraArgs, ModelArgs):
     """RL with verifiable rewards: GRPO and its family (Dr. GRPO, DAPO, GSPO; RLOO and REINFORCE++ baselines)."""
 
     group_size: int = opt(8, "completions sampled per prompt (G)")
-    batch_prompts: int = opt(8, "prompts per step (N); a step trains on N * G completions")
-    max_new_tokens: int = opt(96, "generation limit per completion")
     min_new_tokens: int = opt(0, "EOS is not sampled before this many tokens (log-probs stay untruncated)")
-    temperature: float = opt(1.0, "sampling temperature")
-    top_p: float = opt(1.0, "nucleus sampling mass")
     loss: Literal["grpo", "dr_grpo", "dapo", "gspo"] = opt("grpo", "policy-loss variant")
     advantage: Literal["auto", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = opt(
         "auto", "advantage estimator; auto = the loss variant's own (dr_grpo -> centred, else group-normalised)"
@@ -181,23 +286,15 @@ class GRPOConfig(LoopArgs, OptimArgs, RewardArgs, ModelArgs):
     kl_estimator: Literal["k1", "k3"] = opt("k3", "per-token KL estimator")
     dynamic_sampling: bool = opt(False, "drop groups whose rewards are all equal (DAPO)")
     overlong_buffer: int = opt(0, "DAPO overlong shaping: penalty ramps over the last N tokens before the limit")
-    rollout_dtype: Literal["auto", "float32", "bfloat16"] = opt(
-        "auto",
-        "weights used for sampling: auto = the trained weights themselves; bfloat16 = a bf16 copy refreshed after"
-        " every update (faster where bf16 matmuls are; rollout and trainer log-probs then differ by bf16 rounding)",
-    )
-    mixed_precision: Literal["no", "bf16"] = opt(
-        "no", "bf16: policy forward/backward under bf16 autocast (weights and optimiser stay in their dtype)"
-    )
-    eval_every: int = opt(0, "held-out greedy accuracy every N steps (also before step 1 and after the last); 0 = off")
-    eval_data: str = opt(
-        "", "held-out rows {prompt, answer} for eval_every (default: the task's val split when data is task:NAME)"
-    )
-    eval_limit: int = opt(200, "held-out rows used by eval_every (the first N)")
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        yield from _positive(self, "group_size", "updates_per_batch")
+        if self.kl_coef < 0:
+            yield "kl_coef", f"must be >= 0, got {self.kl_coef}"
 
 
 @dataclass(frozen=True)
-class DPOConfig(LoopArgs, BatchArgs, OptimArgs, DataArgs, ModelArgs):
+class DPOConfig(RuntimeArgs, LoopArgs, BatchArgs, AccumArgs, OptimArgs, DataArgs, LoraArgs, ModelArgs):
     """Preference optimisation: DPO and its family (cDPO, IPO, SimPO, ORPO) on {prompt, chosen, rejected} rows,
     KTO on unpaired {prompt, completion, label} rows."""
 
@@ -211,36 +308,56 @@ class DPOConfig(LoopArgs, BatchArgs, OptimArgs, DataArgs, ModelArgs):
     desirable_weight: float = opt(1.0, "kto: weight of desirable rows")
     undesirable_weight: float = opt(1.0, "kto: weight of undesirable rows")
 
+    def validate(self) -> Iterator[tuple[str, str]]:
+        if self.beta <= 0:
+            yield "beta", f"must be > 0, got {self.beta}"
+        if not 0 <= self.label_smoothing < 0.5:
+            yield "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}"
+
 
 @dataclass(frozen=True)
-class RMConfig(LoopArgs, BatchArgs, OptimArgs, DataArgs, ModelArgs):
+class RMConfig(RuntimeArgs, LoopArgs, BatchArgs, AccumArgs, OptimArgs, DataArgs, ModelArgs):
     """Reward model: Bradley–Terry loss on a scalar head over a causal-LM backbone, {prompt, chosen, rejected}
-    rows (optional numeric margin column); saved as AutoModelForSequenceClassification."""
+    rows (optional numeric margin column); saved as AutoModelForSequenceClassification. Trains fully (no LoRA:
+    the score head is new)."""
 
     data: str = opt("task:arithmetic_prefs", "preference rows {prompt, chosen, rejected[, margin]}")
+    length_policy: Literal["drop"] = opt("drop", "pairs over max_length are dropped (a reward needs the whole reply)")
 
 
 @dataclass(frozen=True)
-class PPOConfig(LoopArgs, OptimArgs, RewardArgs, ModelArgs):
+class PPOConfig(RuntimeArgs, LoopArgs, OptimArgs, RolloutArgs, RewardArgs, LoraArgs, ModelArgs):
     """PPO: value head, GAE, KL penalty in the reward (fixed or adaptive), optional KL trust region."""
 
-    batch_prompts: int = opt(8, "prompts per step")
     samples_per_prompt: int = opt(4, "completions sampled per prompt")
-    max_new_tokens: int = opt(96, "generation limit per completion")
-    temperature: float = opt(1.0, "sampling temperature")
     ppo_epochs: int = opt(2, "passes over each rollout batch")
-    minibatches: int = opt(2, "minibatches per pass (must divide the completions per step)")
+    minibatches: int = opt(2, "minibatches (optimiser steps) per pass; must divide the completions per step")
     clip_eps: float = opt(0.2, "policy ratio clip range")
     value_clip: float = opt(0.2, "value clip range around the rollout-time values")
     vf_coef: float = opt(0.1, "value-loss weight")
     gamma: float = opt(1.0, "discount")
     lam: float = opt(0.95, "GAE lambda")
-    whiten_advantages: bool = opt(True, "normalise advantages over each batch's tokens")
+    whiten_advantages: bool = opt(True, "normalise advantages over each batch's tokens (all ranks)")
     kl_coef: float = opt(0.05, "KL penalty coefficient (initial value for the adaptive controller); 0 = no reference")
     kl_controller: Literal["fixed", "adaptive"] = opt("fixed", "keep kl_coef fixed or adapt it towards kl_target")
     kl_target: float = opt(6.0, "adaptive controller: target KL per sequence (nats)")
     kl_horizon: int = opt(10000, "adaptive controller: horizon in samples")
     trust_region_kl: float = opt(0.0, "stop a batch's updates once mean KL to the rollout policy exceeds this; 0 = off")
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        yield from _positive(self, "samples_per_prompt", "ppo_epochs", "minibatches")
+        if (self.batch_prompts * self.samples_per_prompt) % self.minibatches:
+            yield (
+                "minibatches",
+                (
+                    f"{self.minibatches} does not divide batch_prompts x samples_per_prompt ="
+                    f" {self.batch_prompts * self.samples_per_prompt}"
+                ),
+            )
+        if self.kl_coef < 0:
+            yield "kl_coef", f"must be >= 0, got {self.kl_coef}"
+        if self.kl_controller == "adaptive" and self.kl_target <= 0:
+            yield "kl_target", f"must be > 0 for the adaptive controller, got {self.kl_target}"
 
 
 STAGE_CONFIGS: dict[str, type] = {
@@ -320,7 +437,20 @@ def build_config(cls: type, values: dict[str, Any], *, path: str) -> Any:
             hint = f" (did you mean {near[0]!r}?)" if near else f" (valid keys: {', '.join(names)})"
             raise ConfigError(f"{key_path}: unknown key{hint}")
         kwargs[key] = coerce(value, hints[key], key_path)
-    return cls(**kwargs)
+    cfg = cls(**kwargs)
+    for key, message in validation_errors(cfg):
+        raise ConfigError(f"{path}.{key}: {message}" if path else f"{key}: {message}")
+    return cfg
+
+
+def validation_errors(cfg: Any) -> list[tuple[str, str]]:
+    """(key, message) for every rule a built config breaks: each piece of the config checks its own fields."""
+    found = []
+    for klass in type(cfg).__mro__:
+        check = klass.__dict__.get("validate")
+        if check is not None:
+            found += list(check(cfg))
+    return found
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -180,7 +180,7 @@ class Parallel:
             self._wrapped = DistributedDataParallel(
                 self._wrapped,
                 device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                broadcast_buffers=False,
+                forward_sync_buffers=False,
             )
 
     def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -15,7 +15,7 @@ def pinned_sft_losses() -> list[float]:
     from posttrain.config import SFTConfig, build_config
     from posttrain.data.prepare import prepare_examples
     from posttrain.models.tiny import build_model, build_tokenizer
-    from posttrain.train.loop import train
+    from posttrain.train.sft import train
 
     tok = build_tokenizer()
     model = build_model(tok, seed=0)

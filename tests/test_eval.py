@@ -36,7 +36,7 @@ def test_arithmetic_verifier_strict_and_lenient():
     assert task.score("047+285\n7+5+0=12 -> 2\nAnswer: 332", "332") == (True, True)
     assert task.score("the answer is 332", "332") == (False, True)  # right number, wrong format
     assert task.score("Answer: 333", "332") == (False, False)
-    assert task.score("Answer: 332\nmore text 5", "332") == (False, False)
+    assert task.score("Answer: 332\nmore text 5", "332") == (False, True)  # the answer line, not the last line
     assert task.score("", "332") == (False, False)
 
 

@@ -60,7 +60,8 @@ def test_extract_answer():
     assert extract_answer("47+285\n...\nAnswer: 332") == "332"
     assert extract_answer("answer = Paris") == "Paris"
     assert extract_answer("so 3, then 14") == "14"
-    assert extract_answer("no idea") is None
+    assert extract_answer("no idea") == "idea"  # no answer line, no number: the last word
+    assert extract_answer("so 12\nAnswer:") is None  # an empty answer line is no answer
 
 
 def test_arithmetic_step_verifier_judges_each_line_without_the_gold():

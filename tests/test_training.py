@@ -17,7 +17,7 @@ from posttrain.eval.loss import packed_token_losses
 from posttrain.losses import token_logps
 from posttrain.tasks import get_task
 from posttrain.train.checkpoint import latest_checkpoint
-from posttrain.train.loop import train
+from posttrain.train.sft import train
 
 
 def cfg(tmp_path, **kw):

@@ -1,10 +1,11 @@
-"""Batched generation for evaluation with Hugging Face ``generate`` (KV cache, left padding).
+"""Batched generation for evaluation, through a rollout engine (``posttrain.rollout``; the hf engine by default,
+whose greedy outputs equal Hugging Face ``generate``'s).
 
 >>> from posttrain.models.loading import load_model
 >>> model, tok = load_model("builtin:tiny-base")
 >>> out = generate_texts(model, tok, ["<|user|>Write in capitals: dog</s><|assistant|>"], max_new_tokens=8)
->>> out.texts
-[['DOG']]
+>>> out.texts, out.new_tokens
+([['DOG']], 4)
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 import torch
 
+from posttrain.rollout import RolloutEngine, SamplingParams, engine_for
+
 
 @dataclass
 class Generations:
@@ -24,7 +27,6 @@ class Generations:
     new_tokens: int
 
 
-@torch.no_grad()
 def generate_texts(
     model: Any,
     tokenizer: Any,
@@ -36,32 +38,27 @@ def generate_texts(
     top_p: float = 1.0,
     max_new_tokens: int = 96,
     batch_size: int = 256,
+    engine: str | RolloutEngine = "hf",
+    seed: int | None = None,
 ) -> Generations:
-    """``n`` completions per prompt (special tokens removed), in prompt order."""
-    model.eval()
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    """``n`` completions per prompt (special tokens removed), in prompt order; greedy unless ``do_sample``.
+
+    ``engine`` is a rollout engine kind (``hf``, ``vllm``) or an engine already built for ``model``. Sampling is
+    seeded by ``seed``, or, when it is None, by a number drawn from torch's global generator (so
+    ``torch.manual_seed`` before the call makes it reproducible)."""
+    runner = engine_for(engine, model, tokenizer)
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()))
+    params = SamplingParams(
+        n=n,
+        temperature=temperature if do_sample else 0.0,
+        top_p=top_p if do_sample else 1.0,
+        max_new_tokens=max_new_tokens,
+    )
     results: list[list[str]] = []
     new_tokens = 0
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start : start + batch_size])
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(model.device) for k, v in enc.items()}
-            kwargs: dict[str, Any] = dict(
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=n,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            if do_sample:
-                kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            out = model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1] :]
-            done = (out == tokenizer.eos_token_id) | (out == tokenizer.pad_token_id)
-            new_tokens += int((~done).sum()) + int(done.any(-1).sum())
-            texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-            results += [texts[i : i + n] for i in range(0, len(texts), n)]
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(prompts), batch_size):
+        out = runner.generate(list(prompts[start : start + batch_size]), params, seed=seed + start)
+        new_tokens += int(out.mask.sum())  # generated tokens, a completion's EOS counted once
+        results += [out.texts[i : i + n] for i in range(0, len(out.texts), n)]
     return Generations(results, new_tokens)

@@ -24,24 +24,47 @@ from posttrain.errors import ConfigError, DataError
 from posttrain.eval.generate import generate_texts
 from posttrain.eval.metrics import ks_up_to, pass_at_k
 from posttrain.models.loading import load_model
-from posttrain.rewards.verify import generic_score
+from posttrain.rewards.verify import score_answer
+from posttrain.rollout import SamplingParams
 from posttrain.tasks import get_task
 
 
 def _rows_and_scorer(cfg: Any) -> tuple[list[dict], Any, str]:
+    """The eval rows, their scorer and a name for their source. Built-in tasks and user files alike are scored
+    by ``score_answer``, the one verifier (a task's ``score`` is the same function)."""
     if bool(cfg.task) == bool(cfg.data):
         raise ConfigError(
             "eval: give exactly one of task (a built-in task name) or data (a file of prompt/answer rows)"
         )
     if cfg.task:
-        task = get_task(cfg.task)
-        return task.rows("test"), task.score, f"task:{cfg.task}:test"
+        return get_task(cfg.task).rows("test"), score_answer, f"task:{cfg.task}:test"
     rows = validate_rows(load_rows(cfg.data), "prompt", source=cfg.data).rows
     for i, row in enumerate(rows):
         if not isinstance(row.get("answer"), (str, int, float)):
             raise DataError(cfg.data, i + 1, "answer", "an eval row needs an answer (string or number)")
         row["answer"] = str(row["answer"])
-    return rows, generic_score, cfg.data
+    return rows, score_answer, cfg.data
+
+
+def heldout_accuracy(engine: Any, rows: list[dict], max_new_tokens: int) -> dict[str, float]:
+    """Greedy strict and lenient accuracy of the engine's model on ``rows`` (scored by ``score_answer``): the
+    held-out accuracy GRPO logs, shared with the harness. ``engine`` is a rollout engine (``.tokenizer``,
+    ``.generate``); sampling is greedy with seed 0, so the numbers are reproducible.
+
+    >>> from types import SimpleNamespace
+    >>> from posttrain.models.tiny import build_tokenizer
+    >>> texts = ["5+7=12\\nAnswer: 12", "it is 7", "Answer: 8"]
+    >>> engine = SimpleNamespace(tokenizer=build_tokenizer(), generate=lambda p, s, seed: SimpleNamespace(texts=texts))
+    >>> heldout_accuracy(engine, [{"prompt": "q", "answer": a} for a in ("12", "7", "9")], max_new_tokens=8)
+    {'eval_accuracy_strict': 0.3333333333333333, 'eval_accuracy_lenient': 0.6666666666666666}
+    """
+    prompts = [render_prompt(r, engine.tokenizer) for r in rows]
+    out = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens), seed=0)
+    scores = [score_answer(text, str(r["answer"])) for text, r in zip(out.texts, rows)]
+    return {
+        "eval_accuracy_strict": sum(s for s, _ in scores) / len(rows),
+        "eval_accuracy_lenient": sum(le for _, le in scores) / len(rows),
+    }
 
 
 SEARCH_STRATEGIES = ("best_of_n", "self_consistency", "beam", "tree", "hybrid")

@@ -4,7 +4,7 @@ Each loss returns *unreduced* values; reduction is one named function in ``reduc
 """
 
 from posttrain.losses.logprobs import token_logps
-from posttrain.losses.reduce import masked_sum, sequence_mean, token_mean
+from posttrain.losses.reduce import masked_sum, row_mean, sequence_mean, token_mean
 from posttrain.losses.sft import sft_loss
 
-__all__ = ["masked_sum", "sequence_mean", "sft_loss", "token_logps", "token_mean"]
+__all__ = ["masked_sum", "row_mean", "sequence_mean", "sft_loss", "token_logps", "token_mean"]

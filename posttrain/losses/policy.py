@@ -4,7 +4,8 @@ Legend: B sequences (completions), T completion tokens. ``logps`` are the curren
 sampled tokens (with grad), ``old_logps`` those of the policy that sampled them (detached), ``advantages`` (B,)
 one per sequence, ``mask`` (B, T) bool, True = a completion token. Every loss returns *unreduced* per-token
 losses (B, T) and a dict of detached statistics; the variants differ in the ratio (token or sequence), the
-clip range and the reduction (see ``POLICY_LOSSES``).
+clip range and the reduction (see ``POLICY_LOSSES``). ``PolicyLoss`` takes the row and token counts of the whole
+optimiser step, so accumulated micro-batches (or data-parallel ranks) sum to the full batch's loss.
 
     >>> import torch
     >>> lp = torch.zeros(1, 2); mask = torch.ones(1, 2, dtype=torch.bool)
@@ -83,10 +84,25 @@ class PolicyLoss:
         mask: Tensor,
         *,
         max_tokens: int,
+        num_rows: int | Tensor | None = None,
+        num_tokens: int | Tensor | None = None,
         eps_low: float | None = None,
         eps_high: float | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Scalar loss and statistics. ``max_tokens`` is the generation limit (used by the constant normaliser)."""
+        """Scalar loss and statistics (local to this batch). ``max_tokens`` is the generation limit (used by the
+        constant normaliser); ``num_rows`` and ``num_tokens`` are the completion and completion-token counts of the
+        whole optimiser step (default: this batch's). ``self.reduce`` takes the same counts, for a KL term.
+
+        >>> import torch
+        >>> lp, adv = torch.zeros(2, 2), torch.tensor([1.0, -1.0])
+        >>> mask = torch.tensor([[True, True], [True, False]])
+        >>> dapo = POLICY_LOSSES["dapo"]
+        >>> whole, _ = dapo(lp, lp, adv, mask, max_tokens=2)
+        >>> parts = sum(dapo(lp[i:i + 1], lp[i:i + 1], adv[i:i + 1], mask[i:i + 1], max_tokens=2, num_rows=2,
+        ...                  num_tokens=3)[0] for i in range(2))
+        >>> whole, parts
+        (tensor(-0.3333), tensor(-0.3333))
+        """
         losses, stats = self.surrogate(
             logps,
             old_logps,
@@ -95,7 +111,7 @@ class PolicyLoss:
             eps_low=self.eps_low if eps_low is None else eps_low,
             eps_high=self.eps_high if eps_high is None else eps_high,
         )
-        return self.reduce(losses, mask, max_tokens=max_tokens), stats
+        return self.reduce(losses, mask, max_tokens=max_tokens, num_rows=num_rows, num_tokens=num_tokens), stats
 
 
 POLICY_LOSSES: dict[str, PolicyLoss] = {

@@ -1,6 +1,9 @@
 """PPO pieces as pure functions: GAE, advantage whitening, the clipped value loss and the KL controllers.
 
-Legend: B sequences, T token positions; ``mask`` (B, T) marks real (generated) tokens, left-aligned.
+Legend: B sequences, T token positions; ``mask`` (B, T) marks real (generated) tokens, left-aligned. The per-token
+policy and value losses are reduced with ``token_mean(..., normaliser=tokens of the whole minibatch)``, so
+accumulated micro-batches or data-parallel ranks sum to the minibatch's loss; ``whiten`` takes the partial sums
+of the whole batch (``whiten_sums``, summed over ranks) for the same reason.
 
     >>> import torch
     >>> adv, ret = gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.5]]), torch.ones(1, 2), gamma=1.0, lam=1.0)
@@ -46,12 +49,44 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: flo
     return advantages, (advantages + values) * mask
 
 
-def whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """(x - mean) / std over the masked entries (mean kept when ``shift_mean`` is False); 0 outside the mask."""
+def whiten_sums(x: Tensor, mask: Tensor) -> Tensor:
+    """(3,) partial sums [sum, sum of squares, count] of ``x`` over the masked entries: what a data-parallel rank
+    contributes to whitening over the global batch. Sum them across ranks (one all-reduce) and pass the result to
+    ``whiten(..., stats=...)``.
+
+    >>> whiten_sums(torch.tensor([[1.0, 3.0, 100.0]]), torch.tensor([[True, True, False]]))
+    tensor([ 4., 10.,  2.])
+    """
     m = mask.to(x.dtype)
-    n = m.sum().clamp(min=1)
-    mean = (x * m).sum() / n
-    var = (((x - mean) * m) ** 2).sum() / n
+    xm = x * m
+    return torch.stack([xm.sum(), (xm * xm).sum(), m.sum()])
+
+
+def whiten(
+    x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8, stats: Tensor | None = None
+) -> Tensor:
+    """(x - mean) / std over the masked entries (mean kept when ``shift_mean`` is False); 0 outside the mask.
+
+    The mean and (biased) variance are this batch's (two-pass), unless ``stats`` gives the partial sums
+    [sum, sum of squares, count] of the whole batch (``whiten_sums`` summed over ranks), in which case
+    mean = sum / count and var = sum of squares / count - mean^2.
+
+    >>> x, mask = torch.tensor([[1.0, 3.0, 100.0]]), torch.tensor([[True, True, False]])
+    >>> whiten(x, mask)
+    tensor([[-1.,  1.,  0.]])
+    >>> whiten(x, mask, stats=whiten_sums(x, mask))
+    tensor([[-1.,  1.,  0.]])
+    """
+    m = mask.to(x.dtype)
+    if stats is None:
+        n = m.sum().clamp(min=1)
+        mean = (x * m).sum() / n
+        var = (((x - mean) * m) ** 2).sum() / n
+    else:
+        total, total_sq, count = stats.to(x.dtype).unbind()
+        n = count.clamp(min=1)
+        mean = total / n
+        var = (total_sq / n - mean * mean).clamp(min=0)
     out = (x - mean) * torch.rsqrt(var + eps)
     return (out + (0 if shift_mean else mean)) * m
 

@@ -112,6 +112,17 @@ def orpo_loss(
     return loss, _stats(beta * mean_c, beta * mean_r)
 
 
+def kto_reference_point(policy: Tensor, reference: Tensor) -> Tensor:
+    """KTO's reference point z = max(0, mean over rows of (policy - reference)), detached: the batch's own KL
+    estimate. Compute it once over the whole optimiser step (a no-grad pass, or the sum and the row count
+    all-reduced across data-parallel ranks, then clamped) and pass it to every micro-batch's ``kto_loss``.
+
+    >>> kto_reference_point(torch.tensor([-1.0, -1.0]), torch.tensor([-2.0, -3.0]))
+    tensor(1.5000)
+    """
+    return (policy - reference).detach().mean().clamp(min=0)
+
+
 def kto_loss(
     policy: Tensor,
     reference: Tensor,
@@ -120,20 +131,31 @@ def kto_loss(
     beta: float,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    reference_point: float | Tensor | None = None,
     **_: Any,
 ) -> tuple[Tensor, dict]:
     """KTO on unpaired rows: ``policy``/``reference`` (B,) sequence log-probs, ``desirable`` (B,) bool labels.
 
-    r = policy - reference; z = max(0, mean r over the batch), detached (the batch's own KL estimate; TRL uses
-    mismatched prompt/completion pairs for it); loss = w_D (1 - sigma(beta (r - z))) for desirable rows and
-    w_U (1 - sigma(beta (z - r))) for undesirable ones."""
+    r = policy - reference; z = ``reference_point`` or, by default, ``kto_reference_point(policy, reference)`` =
+    max(0, mean r over this batch), detached (the batch's own KL estimate; TRL uses mismatched prompt/completion
+    pairs for it); loss = w_D (1 - sigma(beta (r - z))) for desirable rows and w_U (1 - sigma(beta (z - r))) for
+    undesirable ones. z depends on the whole batch, so micro-batches match the full batch only when they are
+    given the whole step's z.
+
+    >>> loss, stats = kto_loss(torch.tensor([-1.0]), torch.tensor([-1.0]), torch.tensor([True]), beta=1.0)
+    >>> loss, stats["kl"]                         # r = 0, z = 0: 1 - sigma(0)
+    (tensor([0.5000]), tensor(0.))
+    """
     ratio = policy - reference
-    z = ratio.detach().mean().clamp(min=0)
+    if reference_point is None:
+        z = kto_reference_point(policy, reference)
+    else:
+        z = torch.as_tensor(reference_point, dtype=ratio.dtype, device=ratio.device).detach()
     good = desirable_weight * (1 - torch.sigmoid(beta * (ratio - z)))
     bad = undesirable_weight * (1 - torch.sigmoid(beta * (z - ratio)))
     loss = torch.where(desirable, good, bad)
     rewards = (beta * ratio).detach()
-    return loss, {"rewards": rewards, "kl": z.detach(), "desirable": desirable.float()}
+    return loss, {"rewards": rewards, "kl": z, "desirable": desirable.float()}
 
 
 def bradley_terry_loss(

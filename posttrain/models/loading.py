@@ -113,13 +113,17 @@ def load_model(spec: str, *, dtype: str = "float32", trust_remote_code: bool = F
     return model, load_tokenizer(path, trust_remote_code=trust_remote_code)
 
 
-def save_model_dir(model: Any, tokenizer: Any, out: Path) -> None:
-    """Save an HF model (or PEFT adapter) with its tokenizer to ``out`` atomically (temp dir, then rename)."""
+def save_model_dir(model: Any, tokenizer: Any, out: Path, *, state_dict: dict | None = None) -> None:
+    """Save an HF model (or PEFT adapter) with its tokenizer to ``out`` atomically (temp dir, then rename).
+    ``state_dict`` (full tensors by parameter name) replaces the model's own, e.g. weights gathered from shards."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+    model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+

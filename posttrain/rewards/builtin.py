@@ -2,27 +2,38 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from posttrain.rewards.verify import generic_score
-
-_ANSWER_LINE = re.compile(r"(?:^|\n)Answer: \S.*\s*$")
+from posttrain.rewards.verify import final_answer_line, score_answer
 
 
 def correct(completion: str, *, answer: Any = None, **_: Any) -> float:
-    """1.0 if the reply ends with "Answer: <answer>" (or is exactly the answer), else 0.0 (strict match)."""
-    return float(answer is not None and generic_score(completion, str(answer))[0])
+    """1.0 if the reply is strictly correct (its last line is "Answer: <answer>", or it is exactly the answer),
+    else 0.0: the strict half of ``score_answer``.
+
+    >>> correct("5+7=12\\nAnswer: 12", answer=12), correct("it is 12", answer="12")
+    (1.0, 0.0)
+    """
+    return float(answer is not None and score_answer(completion, str(answer))[0])
 
 
 def correct_lenient(completion: str, *, answer: Any = None, **_: Any) -> float:
-    """1.0 if the final answer appears anywhere (the last number for numeric answers), else 0.0."""
-    return float(answer is not None and generic_score(completion, str(answer))[1])
+    """1.0 if the reply's final answer (``extract_answer``) matches loosely, else 0.0: the lenient half of
+    ``score_answer``.
+
+    >>> correct_lenient("it is 12", answer="12"), correct_lenient("Answer: 12\\nAnswer: 13", answer="12")
+    (1.0, 0.0)
+    """
+    return float(answer is not None and score_answer(completion, str(answer))[1])
 
 
 def format_reward(completion: str, **_: Any) -> float:
-    """1.0 if the reply ends with an "Answer: ..." line, whatever the answer."""
-    return float(_ANSWER_LINE.search(completion.strip()) is not None)
+    """1.0 if the reply's last line is an answer line with a value ("Answer: ..."), whatever the answer.
+
+    >>> format_reward("5+7=12\\nAnswer: 12"), format_reward("12"), format_reward("Answer:")
+    (1.0, 0.0, 0.0)
+    """
+    return float(final_answer_line(completion) is not None)
 
 
 def length_penalty(completion: str, *, max_chars: int = 200, **_: Any) -> float:

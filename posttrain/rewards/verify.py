@@ -1,27 +1,35 @@
-"""The one verifier: answer extraction and (strict, lenient) scoring against a gold answer."""
+"""The one verifier: answer extraction and (strict, lenient) scoring against a gold answer.
+
+Every answer in the project is read here: the ``correct``/``correct_lenient`` rewards, the trainers' logged
+accuracies, the evaluation harness (user data and built-in tasks alike, whose ``score`` delegates here) and the
+votes of inference-time search. The functions are defined in ``posttrain.tasks.answers``, the lowest package
+that needs them (the tasks score with them; rewards import tasks, never the reverse); the rules are listed there.
+
+    >>> score_answer("so 3+4=7\\nAnswer: 7", "7"), score_answer("it is 7.", "7"), extract_answer("it is 7.")
+    ((True, True), (False, True), '7')
+"""
 
 from __future__ import annotations
 
-import re
+from posttrain.tasks.answers import (
+    clean,
+    extract_answer,
+    final_answer_line,
+    last_number,
+    same_answer,
+    score_answer,
+    strict_answer,
+)
 
-from posttrain.tasks.base import last_integer
+generic_score = score_answer  # the former name, kept for existing imports
 
-_ANSWER_LINE = re.compile(r"(?:^|\n)\s*(?:Answer|answer|ANSWER)\s*[:=]\s*(.+?)\s*$")
-
-
-def generic_score(completion: str, answer: str) -> tuple[bool, bool]:
-    """Verifier for user data: strict = the reply ends with "Answer: <answer>" or is exactly the answer;
-    lenient = the last number (for numeric answers) or the answer text appears anywhere.
-
-    >>> generic_score("so 3+4=7\\nAnswer: 7", "7"), generic_score("it is 7.", "7")
-    ((True, True), (False, True))
-    """
-    gold = answer.strip()
-    text = completion.strip()
-    match = _ANSWER_LINE.search(text)
-    strict = text == gold or (match is not None and match.group(1).rstrip(".") == gold)
-    if re.fullmatch(r"-?\d+", gold):
-        lenient = last_integer(text) == gold
-    else:
-        lenient = re.search(r"(?<!\w)" + re.escape(gold.lower()) + r"(?!\w)", text.lower()) is not None
-    return strict, lenient or strict
+__all__ = [
+    "clean",
+    "extract_answer",
+    "final_answer_line",
+    "generic_score",
+    "last_number",
+    "same_answer",
+    "score_answer",
+    "strict_answer",
+]

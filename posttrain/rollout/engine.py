@@ -5,7 +5,8 @@ Legend: N prompts, G samples per prompt, B = N * G completions, T new tokens, V 
 The engine prefills each prompt *once*, then repeats its KV cache G times, so the G samples of a prompt share
 the prompt's compute. It returns token ids, the log-probability of every sampled token under the sampling
 distribution (logits / temperature, before top-k/top-p truncation: the distribution a trainer recomputes), and
-why each completion ended. ``RolloutEngine`` is the interface another backend (vLLM, say) would implement.
+why each completion ended. ``RolloutEngine`` is the interface every backend implements (the vLLM one lives in
+``vllm_engine.py``); ``posttrain.rollout.factory.make_engine`` picks one by name.
 
     >>> from posttrain.models.loading import load_model
     >>> model, tok = load_model("builtin:tiny-base")
@@ -19,6 +20,7 @@ why each completion ended. ``RolloutEngine`` is the interface another backend (v
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -67,10 +69,27 @@ class Rollouts:
 
 
 class RolloutEngine(Protocol):
-    """What RL trainers and search strategies need from a generation backend."""
+    """What RL trainers, search strategies and evaluation need from a generation backend.
+
+    ``tokenizer`` is the HF tokenizer prompts are rendered with; ``Rollouts`` tensors live on the device of the
+    trained model the engine was made for, so a trainer can score them without moving them."""
+
+    tokenizer: Any
 
     def generate(self, prompts: list[str], params: SamplingParams, *, seed: int) -> Rollouts:
         """Sample ``params.n`` completions for each prompt; the same seed gives the same samples."""
+        ...
+
+    def update_weights(self, source: Any) -> None:
+        """Make the engine sample from new weights: ``source`` is the trained model (same architecture) or a
+        state dict of full tensors by parameter name (what an FSDP trainer gathers). The trainer calls it after
+        every optimiser step; an engine sampling the trained model itself has nothing to do."""
+        ...
+
+    def decoding_model(self, purpose: str) -> Any:
+        """The HF causal LM for token-level algorithms that drive its KV cache step by step (beam and tree
+        search, through ``make_cache`` and ``sample_tokens``). A backend without one raises ``ConfigError``
+        naming ``purpose`` (the config key that asked for it)."""
         ...
 
 
@@ -159,11 +178,46 @@ def make_cache(model: Any, capacity: int) -> Any:
     return Cache(layers=[PreallocatedLayer(capacity) for _ in range(config.num_hidden_layers)])
 
 
+@torch.no_grad()
+def load_weights(target: Any, source: Any) -> None:
+    """Copy ``source`` (a model with the same parameter names, or a state dict name -> tensor, possibly partial)
+    into ``target``'s parameters and buffers, cast to their dtype and device. FSDP2 shards (DTensors) in a
+    source model are gathered first, so every rank must call. A name ``target`` lacks is an error."""
+    if isinstance(source, Mapping):
+        weights = source
+    else:
+        weights = {**dict(source.named_parameters()), **dict(source.named_buffers())}
+    own = {**dict(target.named_parameters()), **dict(target.named_buffers())}
+    unknown = [name for name in weights if name not in own]
+    if unknown:
+        raise KeyError(f"{len(unknown)} weights the rollout model does not have, e.g. {unknown[:3]}")
+    for name, tensor in weights.items():
+        tensor = tensor.detach()
+        if hasattr(tensor, "full_tensor"):  # an FSDP2 shard
+            tensor = tensor.full_tensor()
+        own[name].copy_(tensor)
+
+
 class HFEngine:
-    """The built-in engine: any HF causal LM, KV cache, shared prefill, early exit when all rows finish."""
+    """The built-in engine: any HF causal LM, KV cache, shared prefill, early exit when all rows finish.
+
+    ``model`` is what it samples from: the trained model itself (then ``update_weights`` has nothing to do) or
+    a separate copy, e.g. in bf16 or unsharded (``factory.make_engine`` makes it; then ``update_weights``
+    copies the trained parameters in)."""
 
     def __init__(self, model: Any, tokenizer: Any, *, share_prefill: bool = True):
         self.model, self.tokenizer, self.share_prefill = model, tokenizer, share_prefill
+
+    def update_weights(self, source: Any) -> None:
+        """See ``RolloutEngine.update_weights``: a no-op when ``source`` is the model sampled from, else its
+        parameters (and buffers) are copied in by name, cast to this model's dtype and device."""
+        if source is self.model:
+            return
+        load_weights(self.model, source)
+
+    def decoding_model(self, purpose: str) -> Any:
+        """See ``RolloutEngine.decoding_model``: the model sampled from."""
+        return self.model
 
     def _prefill(self, prompt_ids: list[list[int]], max_new_tokens: int) -> tuple[Tensor, Tensor, Any]:
         """Left-padded prefill: (last-position logits (N, V), attention mask (N, P), cache)."""

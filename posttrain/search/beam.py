@@ -5,6 +5,9 @@ A hypothesis's score is ``sum of token log-probs / length ** length_penalty`` (l
 that emit EOS leave the beam and are kept as finished; the search stops when ``n`` hypotheses have finished
 or ``max_new_tokens`` is reached, and the best-scoring finished-or-cut hypothesis wins (ties: the one found
 first). With a width at least the number of possible sequences it is exhaustive search.
+
+The model comes from the rollout engine's token-level access (``engine.decoding_model``): the hf engine has it,
+the vllm engine refuses with a ``ConfigError``.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ def normalised(logp: float, length: int, penalty: float) -> float:
 
 
 @torch.no_grad()
-def beam_search(model: Any, tokenizer: Any, rows: list[dict[str, Any]], spec: Any) -> list[Any]:
+def beam_search(engine: Any, rows: list[dict[str, Any]], spec: Any) -> list[Any]:
+    """One ``SearchResult`` per row: beam search of width ``spec.n`` on ``engine``'s model."""
     from posttrain.search.strategies import SearchResult
 
+    model, tokenizer = engine.decoding_model("search.strategy"), engine.tokenizer
     was_training = model.training
     model.eval()
     results = []

@@ -10,6 +10,10 @@ Strategies (``SearchSpec.strategy``):
 - ``hybrid``: a helper model proposes ``n`` candidates and the main model scores them by mean log-prob (or a
   scorer does), or the reverse with ``helper_role="score"``.
 
+Generation goes through a rollout engine (``posttrain.rollout``): ``SearchSpec.engine`` names the kind (``hf``
+or ``vllm``), or ``search(..., engine=...)`` takes an engine the caller already holds. Beam and tree search
+need the engine's token-level access to the model (``decoding_model``), which only the hf engine has.
+
 Scorers never see the gold answer: rows reach them without their ``answer`` column, and reward functions that
 need it (``correct``) are refused. Oracle pass@N, which does look at the gold, is computed by the evaluation
 harness apart from the deployable strategies.
@@ -37,7 +41,7 @@ from posttrain.data.encode import render_prompt
 from posttrain.errors import ConfigError
 from posttrain.rewards import parse_rewards, score_completions
 from posttrain.rewards.builtin import NEEDS_GOLD
-from posttrain.rollout import HFEngine, SamplingParams
+from posttrain.rollout import ENGINES, RolloutEngine, SamplingParams, engine_for, make_engine
 from posttrain.rollout.engine import Rollouts
 from posttrain.search.voting import best_index, extract_answer, majority_vote, weighted_vote
 
@@ -48,7 +52,8 @@ STRATEGIES = ("greedy", "sample", "best_of_n", "self_consistency", "beam", "tree
 class SearchSpec:
     """How to search. ``n``: samples (best_of_n, self_consistency, hybrid), beam width (beam), or branches per
     node (tree). ``scorer``: ``logprob`` (mean token log-prob under the scoring model) or reward functions
-    (built-in names or module:function) that do not need the gold answer."""
+    (built-in names or module:function) that do not need the gold answer. ``engine``: the rollout engine kind
+    that generates (``hf`` or ``vllm``)."""
 
     strategy: Literal["greedy", "sample", "best_of_n", "self_consistency", "beam", "tree", "hybrid"] = "greedy"
     n: int = 1
@@ -64,6 +69,7 @@ class SearchSpec:
     helper_role: Literal["propose", "score"] = "propose"
     batch_size: int = 64
     seed: int = 0
+    engine: str = "hf"
 
 
 @dataclass
@@ -89,6 +95,13 @@ def check_spec(spec: SearchSpec) -> None:
         raise ConfigError(f"search.n: must be at least 1, got {spec.n}")
     if spec.strategy == "greedy" and spec.n != 1:
         raise ConfigError("search.n: greedy decoding gives one answer per prompt; use sample or a search strategy")
+    if spec.engine not in ENGINES:
+        raise ConfigError(f"search.engine: unknown engine {spec.engine!r} (choose one of {', '.join(ENGINES)})")
+    if spec.engine == "vllm" and spec.strategy in ("beam", "tree"):
+        raise ConfigError(
+            f"search.strategy: {spec.strategy} search drives the model's KV cache token by token, which the vllm"
+            " engine does not expose; use the hf engine for it"
+        )
     if spec.max_new_tokens < 1:
         raise ConfigError(f"search.max_new_tokens: must be at least 1, got {spec.max_new_tokens}")
     gold = [s for s in spec.scorer if s in NEEDS_GOLD]
@@ -129,31 +142,46 @@ def score(spec: SearchSpec, texts: list[str], rows: list[dict[str, Any]], logps:
 
 
 def search(
-    model: Any, tokenizer: Any, rows: list[dict[str, Any]], spec: SearchSpec, *, helper: Any = None
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    spec: SearchSpec,
+    *,
+    helper: Any = None,
+    engine: RolloutEngine | None = None,
 ) -> list[SearchResult]:
     """Run ``spec`` on every row (``{"prompt", ...}``) and return one ``SearchResult`` per row, in order.
-    ``helper`` is the (model, tokenizer) pair of the hybrid strategy's second model."""
+    ``helper`` is the (model, tokenizer) pair of the hybrid strategy's second model. ``engine`` generates for
+    ``model`` (default: a new one of kind ``spec.engine``; pass one to reuse it across calls)."""
     check_spec(spec)
-    if spec.strategy == "beam":
-        from posttrain.search.beam import beam_search
-
-        return beam_search(model, tokenizer, rows, spec)
-    if spec.strategy == "tree":
-        from posttrain.search.tree import tree_search
-
-        return tree_search(model, tokenizer, rows, spec)
     if spec.strategy == "hybrid" and helper is None:
         raise ConfigError("search.helper_model: the hybrid strategy needs a second (helper) model")
+    main = spec.engine if engine is None else engine
+    if spec.strategy in ("beam", "tree"):
+        from posttrain.search.beam import beam_search
+        from posttrain.search.tree import tree_search
+
+        run = beam_search if spec.strategy == "beam" else tree_search
+        return run(engine_for(main, model, tokenizer), rows, spec)
+    proposer, scorer_model = None, None
+    if spec.strategy == "hybrid":
+        _check_same_vocab(tokenizer, helper[1])
+        if spec.helper_role == "propose":  # the cheaper helper samples, the main model judges
+            proposer, scorer_model = make_engine(spec.engine, *helper), model
+        else:
+            scorer_model = helper[0]
+    proposer = proposer or engine_for(main, model, tokenizer)
     results: list[SearchResult] = []
     for start in range(0, len(rows), spec.batch_size):
         chunk = rows[start : start + spec.batch_size]
-        results += _sampled(model, tokenizer, chunk, spec, helper, seed=spec.seed + start)
+        results += _sampled(proposer, scorer_model, chunk, spec, seed=spec.seed + start)
     return results
 
 
 def _sampled(
-    model: Any, tokenizer: Any, rows: list[dict[str, Any]], spec: SearchSpec, helper: Any, *, seed: int
+    proposer: RolloutEngine, scorer_model: Any, rows: list[dict[str, Any]], spec: SearchSpec, *, seed: int
 ) -> list[SearchResult]:
+    """Candidates sampled by ``proposer``; scored by their own log-probs, or re-scored by ``scorer_model``."""
     started = time.perf_counter()
     greedy = spec.strategy == "greedy"
     params = SamplingParams(
@@ -162,15 +190,8 @@ def _sampled(
         top_p=spec.top_p,
         max_new_tokens=spec.max_new_tokens,
     )
-    proposer, scorer_model = (model, tokenizer), None
-    if spec.strategy == "hybrid":
-        _check_same_vocab(tokenizer, helper[1])
-        if spec.helper_role == "propose":  # the cheaper model samples, the main model judges
-            proposer, scorer_model = helper, model
-        else:
-            scorer_model = helper[0]
-    prompts = [render_prompt(r, proposer[1]) for r in rows]
-    out = HFEngine(*proposer).generate(prompts, params, seed=seed)
+    prompts = [render_prompt(r, proposer.tokenizer) for r in rows]
+    out = proposer.generate(prompts, params, seed=seed)
     passes = out.forward_passes
     logps = mean_logps(out)
     if scorer_model is not None and tuple(spec.scorer) == ("logprob",):

@@ -13,6 +13,8 @@ The cache is never recomputed: the frontier's cache rows are repeated ``n`` time
 from its parent's keys and values) and the kept children's rows are selected for the next level. Rows whose
 step ended wait (masked padding) while the others finish theirs. ``spec.token_budget`` (default
 ``n * keep * max_new_tokens``) caps the generated tokens per question: generation stops the moment it is spent.
+The model comes from the rollout engine's token-level access (``engine.decoding_model``): the hf engine has it,
+the vllm engine refuses with a ``ConfigError``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ def budget_of(spec: Any) -> int:
 
 
 @torch.no_grad()
-def tree_search(model: Any, tokenizer: Any, rows: list[dict[str, Any]], spec: Any) -> list[Any]:
+def tree_search(engine: Any, rows: list[dict[str, Any]], spec: Any) -> list[Any]:
+    """One ``SearchResult`` per row: step-level tree search on ``engine``'s model."""
+    model, tokenizer = engine.decoding_model("search.strategy"), engine.tokenizer
     was_training = model.training
     model.eval()
     try:

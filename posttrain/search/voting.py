@@ -1,7 +1,8 @@
-"""Answer extraction and the selection rules of the search strategies: majority vote, score-weighted vote and
-best-of-N. Pure functions; every tie is broken the same way: the candidate (or answer) that came first wins.
+"""The selection rules of the search strategies: majority vote, score-weighted vote and best-of-N, over the final
+answers of ``extract_answer`` (the one extractor of ``posttrain.rewards.verify``, re-exported here). Pure
+functions; every tie is broken the same way: the candidate (or answer) that came first wins.
 
-    >>> majority_vote(["12", "7", "12", None, "7"])
+    >>> majority_vote([extract_answer(c) for c in ["Answer: 12", "so 7", "12", "hm\\nAnswer:", "7."]])
     ('12', 2.0)
     >>> weighted_vote(["12", "7", "12"], [0.1, 0.9, 0.3])
     ('7', 0.9)
@@ -12,25 +13,11 @@ best-of-N. Pure functions; every tie is broken the same way: the candidate (or a
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
-_ANSWER = re.compile(r"(?:^|\n)\s*Answer\s*[:=]\s*(.+?)\s*$", re.IGNORECASE)
-_INTEGER = re.compile(r"-?\d+")
+from posttrain.rewards.verify import extract_answer
 
-
-def extract_answer(completion: str) -> str | None:
-    """The final answer a vote counts: the text of a last "Answer: ..." line, else the last integer, else None.
-
-    >>> extract_answer("7+5+0=12 -> 2\\nAnswer: 332"), extract_answer("it is 41, no 42"), extract_answer("hm")
-    ('332', '42', None)
-    """
-    text = completion.strip()
-    match = _ANSWER.search(text)
-    if match:
-        return match.group(1).strip()
-    numbers = _INTEGER.findall(text)
-    return numbers[-1] if numbers else None
+__all__ = ["best_index", "extract_answer", "majority_vote", "weighted_vote"]
 
 
 def weighted_vote(answers: Sequence[str | None], weights: Sequence[float]) -> tuple[str | None, float]:

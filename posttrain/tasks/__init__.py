@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from posttrain.errors import ConfigError
 from posttrain.tasks.arithmetic import ArithmeticTask
-from posttrain.tasks.base import Row, Task, last_integer
+from posttrain.tasks.base import Row, Task
 from posttrain.tasks.preferences import ArithmeticPreferences
 from posttrain.tasks.uppercase import UppercaseTask
 
@@ -29,4 +29,4 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-__all__ = ["TASKS", "Row", "Task", "get_task", "last_integer"]
+__all__ = ["TASKS", "Row", "Task", "get_task"]

@@ -27,7 +27,7 @@ import random
 import re
 import zlib
 
-from posttrain.tasks.base import Task, last_integer
+from posttrain.tasks.base import Task
 
 NAMES = ["Ann", "Bo", "Cy", "Dee", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jo"]
 THINGS = ["shells", "coins", "apples", "books", "stamps", "cards", "pens", "eggs"]
@@ -37,8 +37,6 @@ TEMPLATES = [
     "There are {a} {t} in one box and {b} in another. How many {t} in total?",
     "What is {a} + {b}?",
 ]
-
-_STRICT = re.compile(r"(?:^|\n)Answer: (-?\d+)\s*$")
 
 
 def column_addition(a: int, b: int, *, final: str = "Answer: ") -> str:
@@ -101,13 +99,6 @@ class ArithmeticTask(Task):
         question = template.format(n=rng.choice(NAMES), t=rng.choice(THINGS), a=a, b=b)
         completion = f"Answer: {a + b}" if self.is_direct(question) else column_addition(a, b)
         return question, completion, str(a + b)
-
-    def strict_answer(self, completion: str) -> str | None:
-        match = _STRICT.search(completion.strip())
-        return match.group(1) if match else None
-
-    def lenient_answer(self, completion: str) -> str | None:
-        return last_integer(completion)
 
 
 _OPERANDS = re.compile(r"^(\d+)\+(\d+)$")

@@ -7,27 +7,16 @@ as chat messages; eval rows carry ``prompt`` and ``answer``.
 from __future__ import annotations
 
 import random
-import re
 from abc import ABC, abstractmethod
 from typing import Any
 
+from posttrain.tasks.answers import score_answer
+
 Row = dict[str, Any]
-
-_LAST_INT = re.compile(r"-?\d+")
-
-
-def last_integer(text: str) -> str | None:
-    """The last integer in ``text`` (the usual "lenient" extraction of GSM8K-style evals).
-
-    >>> last_integer("7+5=12 -> 2\\nso 632.")
-    '632'
-    """
-    found = _LAST_INT.findall(text)
-    return found[-1].lstrip("+") if found else None
 
 
 class Task(ABC):
-    """A generated task: deterministic splits and a verifier with strict and lenient matching."""
+    """A generated task: deterministic splits, scored by the one verifier (``posttrain.tasks.answers``)."""
 
     name: str
     description: str
@@ -39,14 +28,6 @@ class Task(ABC):
     @abstractmethod
     def example(self, rng: random.Random) -> tuple[str, str, str]:
         """One problem drawn from ``rng``: (question, step-by-step completion, final answer)."""
-
-    @abstractmethod
-    def strict_answer(self, completion: str) -> str | None:
-        """The answer if the completion is in the expected format, else None."""
-
-    @abstractmethod
-    def lenient_answer(self, completion: str) -> str | None:
-        """The final answer found anywhere in the completion, else None."""
 
     def split_seed(self, split: str) -> int:
         # Fixed per task and split: the same rows on every machine and every run.
@@ -85,5 +66,12 @@ class Task(ABC):
         return out
 
     def score(self, completion: str, answer: str) -> tuple[bool, bool]:
-        """(strict, lenient) correctness of one completion against the gold answer."""
-        return self.strict_answer(completion) == answer, self.lenient_answer(completion) == answer
+        """(strict, lenient) correctness of one completion against the gold answer: ``score_answer``, the one
+        scorer of rewards, evaluation and search. A task states what it expects through its gold answers and
+        completions, never through rules of its own.
+
+        >>> from posttrain.tasks import get_task
+        >>> get_task("uppercase").score("PLOMK", "PLOMK"), get_task("uppercase").score("it is plomk", "PLOMK")
+        ((True, True), (False, True))
+        """
+        return score_answer(completion, answer)

@@ -13,7 +13,8 @@ from posttrain.tasks.base import Task
 
 
 class UppercaseTask(Task):
-    """Write a random lowercase word of 3 to 8 letters in capitals; the answer is the whole reply."""
+    """Write a random lowercase word of 3 to 8 letters in capitals; the answer is the whole reply (a bare
+    one-line reply is strict for the one scorer, so the task needs no rule of its own)."""
 
     name = "uppercase"
     description = "write a 3-8 letter word in capitals (retention task)"
@@ -21,10 +22,3 @@ class UppercaseTask(Task):
     def example(self, rng: random.Random) -> tuple[str, str, str]:
         word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 8)))
         return f"Write in capitals: {word}", word.upper(), word.upper()
-
-    def strict_answer(self, completion: str) -> str | None:
-        return completion if completion.isalpha() and completion.isupper() else None
-
-    def lenient_answer(self, completion: str) -> str | None:
-        words = completion.split()
-        return words[-1].strip(".").upper() if words else None

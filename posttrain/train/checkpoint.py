@@ -7,9 +7,7 @@ temp directory that resume ignores. Weights are safetensors; optimiser, schedule
 
     >>> import tempfile, torch
     >>> run = Path(tempfile.mkdtemp())
-    >>> model = torch.nn.Linear(2, 2); opt = torch.optim.AdamW(model.parameters())
-    >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    >>> _ = save_checkpoint(run, 3, model, opt, sched, {"step": 3}, keep=2)
+    >>> _ = write_checkpoint(run, 3, {"w": torch.zeros(2)}, {}, {}, {"step": 3}, keep=2)
     >>> latest_checkpoint(run).name
     'step_3'
 """
@@ -29,22 +27,25 @@ from safetensors.torch import load_file, save_file
 MANIFEST = "MANIFEST.json"
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters by name (tied weights once): all weights for a full fine-tune, the adapters for LoRA."""
-    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(
-    run_dir: Path, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: dict, *, keep: int
+def write_checkpoint(
+    run_dir: Path,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    scheduler_state: dict,
+    state: dict,
+    *,
+    keep: int,
 ) -> Path:
-    """Write ``checkpoints/step_{step}`` atomically and keep only the newest ``keep`` complete ones."""
+    """Write ``checkpoints/step_{step}`` atomically and keep only the newest ``keep`` complete ones. ``weights`` are
+    the trainable parameters by name (all weights for a full fine-tune, the adapters for LoRA), full tensors."""
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step_{step}", root / f".tmp-step_{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    save_file({n: t.contiguous() for n, t in weights.items()}, str(tmp / "trainable.safetensors"))
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    torch.save(scheduler_state, tmp / "scheduler.pt")
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
     files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
@@ -86,22 +87,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict:
-    """Restore weights, optimiser, scheduler and RNG from ``path``; returns the trainer state dict."""
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict, dict]:
+    """(trainable weights, optimiser state, scheduler state, trainer state) of a checkpoint; restores the RNGs."""
     weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-    if missing:
-        raise RuntimeError(f"{path}: checkpoint lacks trainable weights {missing[:3]}")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+    scheduler_state = torch.load(path / "scheduler.pt", weights_only=True)
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     random.setstate(_as_tuple(rng["python"]))
-    return json.loads((path / "trainer_state.json").read_text())
+    return weights, optimizer_state, scheduler_state, json.loads((path / "trainer_state.json").read_text())
 
 
 def _as_tuple(value: Any) -> Any:

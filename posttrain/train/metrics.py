@@ -19,11 +19,14 @@ class MetricsLog:
         [{'step': 1, 'loss': 2.0}]
     """
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, *, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled  # under torchrun only rank 0 writes
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
@@ -34,8 +37,12 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def truncate_after(self, step: int) -> None:
+        if not self.enabled:
+            return
         kept = [r for r in self.read() if r.get("step", 0) <= step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def reset(self) -> None:
+        if not self.enabled:
+            return
         self.path.write_text("")
