@@ -1,6 +1,7 @@
 """posttrain: LLM post-training in one tool.
 
-The Python API mirrors the CLI: one typed config per stage, one function per stage.
+The Python API mirrors the CLI: one typed config per stage, one function per stage. Names are imported on first
+use, so ``import posttrain.rewards`` (say) loads neither the training code nor torch-heavy stages.
 
     >>> import tempfile
     >>> from posttrain import SFTConfig, build_config, run_sft
@@ -11,36 +12,49 @@ The Python API mirrors the CLI: one typed config per stage, one function per sta
     2
 """
 
-from posttrain.config import EvalConfig, PretrainConfig, SFTConfig, build_config
-from posttrain.errors import ConfigError, DataError, ModelError, PosttrainError, TrainingError
-from posttrain.eval.harness import evaluate, evaluate_model
-from posttrain.models.loading import load_model
-from posttrain.models.lora import add_lora, merge_adapter
-from posttrain.pipeline import load_recipe, run_demo, run_recipe
-from posttrain.tasks import get_task
-from posttrain.train.sft import run_pretrain, run_sft
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConfigError",
-    "DataError",
-    "EvalConfig",
-    "ModelError",
-    "PosttrainError",
-    "PretrainConfig",
-    "SFTConfig",
-    "TrainingError",
-    "add_lora",
-    "build_config",
-    "evaluate",
-    "evaluate_model",
-    "get_task",
-    "load_model",
-    "load_recipe",
-    "merge_adapter",
-    "run_demo",
-    "run_pretrain",
-    "run_recipe",
-    "run_sft",
-]
+_EXPORTS = {
+    "ConfigError": "posttrain.errors",
+    "DataError": "posttrain.errors",
+    "ModelError": "posttrain.errors",
+    "PosttrainError": "posttrain.errors",
+    "TrainingError": "posttrain.errors",
+    "DPOConfig": "posttrain.config",
+    "EvalConfig": "posttrain.config",
+    "GRPOConfig": "posttrain.config",
+    "PPOConfig": "posttrain.config",
+    "PretrainConfig": "posttrain.config",
+    "RMConfig": "posttrain.config",
+    "SFTConfig": "posttrain.config",
+    "build_config": "posttrain.config",
+    "STAGES": "posttrain.stages",
+    "evaluate": "posttrain.eval.harness",
+    "evaluate_model": "posttrain.eval.harness",
+    "load_model": "posttrain.models.loading",
+    "add_lora": "posttrain.models.lora",
+    "merge_adapter": "posttrain.models.lora",
+    "load_recipe": "posttrain.pipeline",
+    "run_demo": "posttrain.pipeline",
+    "run_recipe": "posttrain.pipeline",
+    "get_task": "posttrain.tasks",
+    "run_pretrain": "posttrain.train.sft",
+    "run_sft": "posttrain.train.sft",
+    "run_dpo": "posttrain.train.dpo",
+    "run_rm": "posttrain.train.rm",
+    "run_grpo": "posttrain.train.grpo",
+    "run_ppo": "posttrain.train.ppo",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'posttrain' has no attribute {name!r}")

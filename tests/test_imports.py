@@ -135,11 +135,6 @@ def test_rewards_subpackage_does_not_load_the_training_loop():
     assert [m for m in loaded if m.startswith("posttrain.train")] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="posttrain/__init__.py imports posttrain.train.* and posttrain.pipeline eagerly, so importing any "
-    "subpackage loads the training loop; make the facade lazy (PEP 562 __getattr__) and drop this mark",
-)
 def test_importing_rewards_does_not_load_the_training_loop():
     loaded = _modules_loaded_by("import sys, posttrain.rewards; print(*sorted(sys.modules))")
     assert "posttrain.rewards" in loaded

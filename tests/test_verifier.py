@@ -102,22 +102,29 @@ def test_gold_completions_of_the_test_splits_are_strictly_correct(name):
     assert [extract_answer(r[column][0]["content"]) for r in rows] == [r["answer"] for r in rows]
 
 
+class FakeEngine:
+    """Answers every prompt with fixed replies; records the prompts and sampling parameters it was given."""
+
+    def __init__(self, tokenizer, texts):
+        self.tokenizer, self.texts, self.calls = tokenizer, texts, []
+
+    def generate(self, prompts, params, *, seed):
+        self.calls.append((prompts, params, seed))
+        return SimpleNamespace(texts=self.texts)
+
+
 def test_heldout_accuracy_agrees_row_by_row(tokenizer):
     from posttrain.eval.harness import heldout_accuracy
+    from posttrain.rollout import SamplingParams
 
     for reply, gold, strict, lenient, _ in CASES:
-        prompts_seen = []
-
-        def generate(prompts, params, *, seed, reply=reply):
-            prompts_seen.extend(prompts)
-            assert (params.n, params.temperature, params.max_new_tokens, seed) == (1, 0.0, 7, 0)
-            return SimpleNamespace(texts=[reply])
-
-        engine = SimpleNamespace(tokenizer=tokenizer, generate=generate)
+        engine = FakeEngine(tokenizer, [reply])
         row = {"prompt": [{"role": "user", "content": "q"}], "answer": gold}
         result = heldout_accuracy(engine, [row], max_new_tokens=7)
         assert result == {"eval_accuracy_strict": float(strict), "eval_accuracy_lenient": float(lenient)}
-        assert len(prompts_seen) == 1 and "q" in prompts_seen[0]
+        [(prompts, params, seed)] = engine.calls
+        assert len(prompts) == 1 and "q" in prompts[0]
+        assert (params, seed) == (SamplingParams(n=1, temperature=0.0, max_new_tokens=7), 0)
 
 
 def test_harness_accuracy_agrees(monkeypatch, tmp_path, tokenizer):

@@ -76,8 +76,9 @@ class RolloutEngine(Protocol):
 
     tokenizer: Any
 
-    def generate(self, prompts: list[str], params: SamplingParams, *, seed: int) -> Rollouts:
-        """Sample ``params.n`` completions for each prompt; the same seed gives the same samples."""
+    def generate(self, prompts: list[str], params: SamplingParams, *, seed: int | list[int]) -> Rollouts:
+        """Sample ``params.n`` completions for each prompt; the same seed gives the same samples. A list gives
+        one seed per prompt, making each prompt's samples independent of the rest of the batch."""
         ...
 
     def update_weights(self, source: Any) -> None:
@@ -94,10 +95,11 @@ class RolloutEngine(Protocol):
 
 
 def sample_tokens(
-    logits: Tensor, params: SamplingParams, generator: torch.Generator, *, banned: int | None = None
+    logits: Tensor, params: SamplingParams, generator: Any, *, banned: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """Sample one token per row from (B, V) logits, never the ``banned`` id; returns (tokens (B,), their
-    log-probs under logits / T, before any truncation)."""
+    log-probs under logits / T, before any truncation). ``generator``: one ``torch.Generator`` for all rows, or
+    a list of (row indices, generator) pairs covering the rows."""
     logits = logits.float()
     if params.temperature <= 0:
         pick = logits if banned is None else logits.index_fill(-1, torch.tensor([banned], device=logits.device), -1e30)
@@ -116,7 +118,13 @@ def sample_tokens(
         cum = torch.softmax(sorted_logits, -1).cumsum(-1)
         drop = cum - torch.softmax(sorted_logits, -1) >= params.top_p  # keep the smallest set reaching top_p
         filtered = filtered.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    tokens = torch.multinomial(torch.softmax(filtered, -1), 1, generator=generator).squeeze(-1)
+    probs = torch.softmax(filtered, -1)
+    if isinstance(generator, torch.Generator):
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    else:  # one generator per group of rows: each group's draws do not depend on the other rows of the batch
+        tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+        for rows, gen in generator:
+            tokens[rows] = torch.multinomial(probs[rows], 1, generator=gen).squeeze(-1)
     return tokens, logps_all.gather(-1, tokens[:, None]).squeeze(-1)
 
 
@@ -187,7 +195,7 @@ def load_weights(target: Any, source: Any) -> None:
         weights = source
     else:
         weights = {**dict(source.named_parameters()), **dict(source.named_buffers())}
-    own = {**dict(target.named_parameters()), **dict(target.named_buffers())}
+    own = {**dict(target.named_buffers()), **target.state_dict(keep_vars=True)}  # tied weights under every name
     unknown = [name for name in weights if name not in own]
     if unknown:
         raise KeyError(f"{len(unknown)} weights the rollout model does not have, e.g. {unknown[:3]}")
@@ -232,8 +240,10 @@ class HFEngine:
         return out.logits[:, -1], attn, out.past_key_values
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], params: SamplingParams, *, seed: int) -> Rollouts:
-        """See ``RolloutEngine.generate``. Prompts are text (chat template already applied)."""
+    def generate(self, prompts: list[str], params: SamplingParams, *, seed: int | list[int]) -> Rollouts:
+        """See ``RolloutEngine.generate``. Prompts are text (chat template already applied). ``seed`` may be one
+        seed per prompt: then each prompt's samples depend only on its own seed, not on the rest of the batch
+        (so a batch split over ranks samples what the whole batch samples in one process)."""
         was_training = self.model.training
         self.model.eval()
         try:
@@ -242,7 +252,7 @@ class HFEngine:
         finally:
             self.model.train(was_training)
 
-    def _generate(self, prompts: list[str], params: SamplingParams, seed: int) -> Rollouts:
+    def _generate(self, prompts: list[str], params: SamplingParams, seed: int | list[int]) -> Rollouts:
         tok = self.tokenizer
         prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         g = params.n
@@ -256,8 +266,14 @@ class HFEngine:
         else:
             logits, attn, cache = self._prefill([prompt_ids[i] for i in prompt_index], params.max_new_tokens)
             passes = 1
-        generator = torch.Generator(device=logits.device).manual_seed(seed)
         b, device = len(prompt_index), logits.device
+        per_prompt = not isinstance(seed, int)
+        if per_prompt:
+            if len(seed) != len(prompts):
+                raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts")
+            gens = [torch.Generator(device=device).manual_seed(s) for s in seed]
+        else:
+            generator = torch.Generator(device=device).manual_seed(seed)
         eos = tok.eos_token_id
         tokens = torch.full((b, params.max_new_tokens), tok.pad_token_id, dtype=torch.long, device=device)
         logps = torch.zeros(b, params.max_new_tokens, device=device)
@@ -267,6 +283,12 @@ class HFEngine:
         positions = attn.sum(-1)
         for t in range(params.max_new_tokens):
             banned = eos if t < params.min_new_tokens else None
+            if per_prompt:  # rows of the same prompt, by their place among the active rows
+                owners = [prompt_index[r] for r in active.tolist()]
+                groups: dict[int, list[int]] = {}
+                for place, owner in enumerate(owners):
+                    groups.setdefault(owner, []).append(place)
+                generator = [(torch.tensor(rows, device=device), gens[o]) for o, rows in groups.items()]
             new, new_logps = sample_tokens(logits, params, generator, banned=banned)
             tokens[active, t], logps[active, t], mask[active, t] = new, new_logps, True
             done = new == eos

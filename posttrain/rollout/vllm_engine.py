@@ -2,7 +2,16 @@
 interface of ``engine.py``. Only ``factory.make_engine("vllm", ...)`` imports this module, and vLLM itself is
 imported when an engine is built, so the rest of the package never needs it.
 
-How it maps onto vLLM's offline ``LLM`` API (checked against vLLM 0.32):
+Install (Linux, NVIDIA GPU; in a fresh venv, not the Makefile's, which holds the CPU build of torch):
+
+    pip install "torch==2.13.0"      # from PyPI: on Linux x86_64 that is the CUDA 13.0 build
+    pip install -e ".[vllm]"         # vLLM 0.32.x and its CUDA libraries; transformers becomes 5.19.x (< 5.20)
+
+With the CPU build already installed, pip keeps it (2.13.0+cpu satisfies vLLM's torch==2.13.0) and vLLM cannot
+start; vLLM 0.33 needs torch 2.14, outside this package's range. Without a GPU or without vLLM, choosing this
+engine is a ``ConfigError`` saying so.
+
+How it maps onto vLLM's offline ``LLM`` API (checked against vLLM 0.32's source):
 
 - The model: ``VLLMEngine`` saves the trained HF model (LoRA adapters merged) and its tokenizer as safetensors to
   a temporary directory and starts ``LLM`` from it, then deletes the directory; or it starts from ``model_path``
@@ -22,7 +31,8 @@ How it maps onto vLLM's offline ``LLM`` API (checked against vLLM 0.32):
   trainers recompute log-probs anyway and log the largest gap.
 - Weight updates: ``update_weights`` hands (name, full tensor) pairs — HF parameter names, LoRA merged — to the
   vLLM model's ``load_weights`` (through ``LLM.apply_model``, in process, no copy through serialisation) and
-  resets vLLM's prefix cache, whose keys and values belong to the old weights.
+  resets vLLM's prefix cache, whose keys and values belong to the old weights. The in-process engine is what
+  makes this work: a vLLM engine started earlier in the same process with multiprocessing on would not.
 """
 
 from __future__ import annotations

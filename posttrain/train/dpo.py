@@ -10,43 +10,34 @@ memory and a resumed run uses exactly the same numbers. Reference-free losses (S
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from posttrain.data.batching import ResumableSampler, pack
 from posttrain.data.encode import EncodeStats, Example, apply_length_policy, encode_row
 from posttrain.data.rows import load_rows, validate_rows
-from posttrain.distributed import peak_memory_mb
+from posttrain.distributed import DistContext
 from posttrain.errors import ConfigError
 from posttrain.losses.logprobs import token_logps
-from posttrain.losses.preference import PAIRED_LOSSES, REFERENCE_FREE, kto_loss
+from posttrain.losses.preference import PAIRED_LOSSES, REFERENCE_FREE, kto_loss, kto_reference_point
+from posttrain.losses.reduce import row_mean
 from posttrain.models.varlen import packed_attention
-from posttrain.train.loop import (
-    clip_and_step,
-    close_step,
-    count_step,
-    make_optimizer,
-    make_scheduler,
-    restore_or_start,
-    step_scheduler,
-)
-from posttrain.train.metrics import MetricsLog
-from posttrain.train.stage import model_for_training, prepare_run_dir, save_model_dir
+from posttrain.train.policy import default_eval_data, model_for_training
+from posttrain.train.scaffold import Run, Stage, even_chunks, run_stage
 
 
 def encode_pairs(source: Any, tokenizer: Any, cfg: Any) -> tuple[list[tuple[Example, ...]], list[bool], dict]:
     """Rows -> per row (chosen, rejected) examples (kto: (completion,) and its label), completion-only masks."""
     kto = cfg.loss == "kto"
     name = source if isinstance(source, str) else "<rows>"
-    checked = validate_rows(load_rows(source), "unpaired" if kto else "preference", source=name)
+    checked = validate_rows(
+        load_rows(source), "unpaired" if kto else "preference", source=name, skip_bad_rows=cfg.skip_bad_rows
+    )
     stats = EncodeStats()
     items, labels = [], []
     for row in checked.rows:
@@ -101,16 +92,34 @@ def reference_logps(
     return out
 
 
-def visited_rows(size: int, cfg: Any) -> list[int]:
-    """Every row index the run's sampler will hand out in ``max_steps`` steps (the sampler is deterministic)."""
+def visited_rows(size: int, cfg: Any, ctx: DistContext | None = None) -> list[int]:
+    """Every row index the run's sampler will hand out in ``max_steps`` steps (the sampler is deterministic),
+    or with ``ctx`` only those that this rank's share of each step will contain."""
     sampler = ResumableSampler(size, seed=cfg.seed)
-    return sorted({i for _ in range(cfg.max_steps) for i in sampler.take(cfg.batch_size)})
+    take = (lambda b: ctx.shard(b)) if ctx is not None else (lambda b: b)
+    return sorted({i for _ in range(cfg.max_steps) for i in take(sampler.take(cfg.batch_size))})
+
+
+def shared_reference(model: Any, items: list, cfg: Any, ctx: DistContext, rows: list[int]) -> torch.Tensor:
+    """Reference log-probs of ``rows``, each rank computing its part; the table is then complete on every rank
+    (ranks fill what they computed, NaN elsewhere becomes -inf for a max-reduce, and back)."""
+    table = reference_logps(model, items, cfg, rows=rows)
+    if ctx.distributed:
+        table = ctx.all_reduce(torch.nan_to_num(table, nan=-math.inf), op="max")
+        table[torch.isneginf(table)] = math.nan
+    return table
 
 
 def preference_loss(
-    model: Any, items: list[tuple[Example, ...]], labels: list[bool], ref: torch.Tensor | None, cfg: Any
+    model: Any,
+    items: list[tuple[Example, ...]],
+    labels: list[bool],
+    ref: torch.Tensor | None,
+    cfg: Any,
+    reference_point: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-row loss (B,) and stats for a batch of rows (see ``posttrain.losses.preference``)."""
+    """Per-row loss (B,) and stats for a batch of rows (see ``posttrain.losses.preference``); KTO uses
+    ``reference_point`` as its z when given (the whole step's, for exact accumulation)."""
     per_row = len(items[0])
     sums, lengths = sequence_logps(model, [e for item in items for e in item])
     sums, lengths = sums.view(len(items), per_row), lengths.view(len(items), per_row)
@@ -123,6 +132,7 @@ def preference_loss(
             beta=cfg.beta,
             desirable_weight=cfg.desirable_weight,
             undesirable_weight=cfg.undesirable_weight,
+            reference_point=reference_point,
         )
     rc, rr = (None, None) if ref is None else (ref[:, 0].to(device), ref[:, 1].to(device))
     return PAIRED_LOSSES[cfg.loss](
@@ -138,115 +148,119 @@ def preference_loss(
     )
 
 
-def _check(cfg: Any) -> None:
-    if cfg.beta <= 0:
-        raise ConfigError(f"dpo.beta: must be > 0, got {cfg.beta}")
-    if cfg.batch_size % cfg.grad_accum:
-        raise ConfigError(f"dpo.grad_accum: must divide batch_size ({cfg.batch_size}), got {cfg.grad_accum}")
-    if not 0 <= cfg.label_smoothing < 0.5:
-        raise ConfigError(f"dpo.label_smoothing: must be in [0, 0.5), got {cfg.label_smoothing}")
+class DPOStage(Stage):
+    """Preference optimisation on pairs (or KTO's labelled rows), reference log-probs computed up front."""
 
+    name = "dpo"
 
-@torch.no_grad()
-def held_out(model: Any, items: list, labels: list[bool], ref: torch.Tensor | None, cfg: Any) -> dict[str, float]:
-    """Mean loss and preference accuracy (implicit chosen reward > rejected) on held-out rows."""
-    was_training = model.training
-    model.eval()
-    losses, correct = [], []
-    for start in range(0, len(items), 64):
-        chunk = items[start : start + 64]
-        sub_ref = None if ref is None else ref[start : start + 64]
-        loss, stats = preference_loss(model, chunk, labels[start : start + 64], sub_ref, cfg)
-        losses += loss.tolist()
-        correct += stats["accuracy"].tolist() if "accuracy" in stats else []
-    model.train(was_training)
-    out = {"eval_loss": sum(losses) / len(losses)}
-    if correct:
-        out["eval_preference_accuracy"] = sum(correct) / len(correct)
-    return out
+    def build(self, ctx: DistContext) -> tuple[Any, Any]:
+        cfg = self.cfg
+        model, tokenizer = model_for_training(cfg, ctx.device)
+        self.items, self.labels, self.counts = encode_pairs(cfg.data, tokenizer, cfg)
+        source = cfg.eval_data or default_eval_data(cfg.data)
+        self.eval_items, self.eval_labels = encode_pairs(source, tokenizer, cfg)[:2] if source else ([], [])
+        if cfg.batch_size % (ctx.world * cfg.grad_accum):
+            raise ConfigError(
+                f"dpo.batch_size: {cfg.batch_size} rows cannot be split into {ctx.world} ranks x"
+                f" grad_accum={cfg.grad_accum} equal micro-batches"
+            )
+        self.ref = self.eval_ref = None
+        if cfg.loss not in REFERENCE_FREE:
+            path = Path(cfg.out) / "reference_logps.safetensors"
+            if cfg.resume and path.is_file():
+                saved = load_file(str(path))
+                self.ref, self.eval_ref = saved["train"], saved.get("eval")
+            else:
+                # Only the rows this run will visit (each rank its own share), before any sharding of the model.
+                self.ref = shared_reference(model, self.items, cfg, ctx, visited_rows(len(self.items), cfg, ctx))
+                if self.eval_items:
+                    mine = ctx.shard(list(range(len(self.eval_items))))
+                    self.eval_ref = shared_reference(model, self.eval_items, cfg, ctx, mine)
+                if ctx.is_main:
+                    tensors = {"train": self.ref, **({"eval": self.eval_ref} if self.eval_ref is not None else {})}
+                    save_file(tensors, str(path))
+        return model, tokenizer
+
+    def rows_per_step(self) -> tuple[int, int]:
+        return len(self.items), self.cfg.batch_size
+
+    def _loss(self, model: Any, part: list[int], z: float | None) -> tuple[torch.Tensor, dict]:
+        ref = None if self.ref is None else self.ref[part]
+        return preference_loss(model, [self.items[i] for i in part], [self.labels[i] for i in part], ref, self.cfg, z)
+
+    def _kto_reference_point(self, run: Run, mine: list[int]) -> float | None:
+        """KTO's z over the whole step (a no-grad pass; only needed when the step is split)."""
+        if self.cfg.loss != "kto" or (run.ctx.world == 1 and self.cfg.grad_accum == 1):
+            return None
+        with torch.no_grad():
+            sums, _ = run.model.forward(sequence_logps, [self.items[i][0] for i in mine])
+        ratio_sum, count = run.ctx.sum(float((sums.float().cpu() - self.ref[mine, 0]).sum()), len(mine))
+        return float(kto_reference_point(torch.tensor([ratio_sum / count]), torch.zeros(1)))
+
+    def step(self, run: Run, indices: list[int], step: int) -> dict[str, Any]:
+        cfg = self.cfg
+        mine = run.ctx.shard(indices)
+        z = self._kto_reference_point(run, mine)
+        size = len(mine) // cfg.grad_accum
+        totals: dict[str, float] = {}
+        loss_sum = 0.0
+        for k in range(cfg.grad_accum):
+            part = mine[k * size : (k + 1) * size]
+            with run.no_sync(last=k == cfg.grad_accum - 1):
+                with run.amp():
+                    losses, stats = run.model.forward(self._loss, part, z)
+                loss = row_mean(losses.float(), num_rows=len(indices))
+                run.backward(loss)
+            loss_sum += float(loss.detach())
+            for key, value in stats.items():
+                if value.dim():
+                    totals[key] = totals.get(key, 0.0) + float(value.float().sum())
+        finite, grad_norm, loss_value = run.update(loss_sum)
+        keys = sorted(totals)
+        sums = run.ctx.sum(*(totals[k] for k in keys))
+        return {
+            "finite": finite,
+            "loss": loss_value,
+            "grad_norm": grad_norm,
+            **{k: v / len(indices) for k, v in zip(keys, sums)},
+        }
+
+    @torch.no_grad()
+    def evaluate(self, run: Run) -> dict[str, float]:
+        """Mean loss and preference accuracy (implicit chosen reward > rejected) on held-out rows."""
+        if not self.eval_items:
+            return {}
+        module = run.model.module
+        was_training = module.training
+        module.eval()
+        loss_sum, right, counted = 0.0, 0.0, 0
+        positions = list(range(len(self.eval_items)))
+        for chunk, real in even_chunks(run.ctx, positions, 64):
+            items = [self.eval_items[i] for i in chunk]
+            labels = [self.eval_labels[i] for i in chunk]
+            ref = None if self.eval_ref is None else self.eval_ref[chunk]
+            with run.amp():
+                losses, stats = run.model.forward(
+                    lambda m, it=items, lb=labels, rf=ref: preference_loss(m, it, lb, rf, self.cfg)
+                )
+            if real:
+                loss_sum += float(losses.float().sum())
+                right += float(stats["accuracy"].float().sum()) if "accuracy" in stats else 0.0
+                counted += len(chunk)
+        module.train(was_training)
+        loss_sum, right, counted = run.ctx.sum(loss_sum, right, counted)
+        out = {"eval_loss": loss_sum / counted}
+        if self.cfg.loss != "kto":
+            out["eval_preference_accuracy"] = right / counted
+        return out
+
+    def summary(self, run: Run) -> dict[str, Any]:
+        return {"loss": self.cfg.loss, **self.counts}
 
 
 def run_dpo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
     """Run preference optimisation and write the run directory; returns the summary."""
-    _check(cfg)
-    run_dir = prepare_run_dir(cfg, "dpo")
-    started = time.perf_counter()
-    model, tokenizer = model_for_training(cfg, "dpo")
-    items, labels, counts = encode_pairs(cfg.data, tokenizer, cfg)
-    eval_source = cfg.eval_data or (
-        cfg.data + ":val" if cfg.data.startswith("task:") and cfg.data.count(":") == 1 else ""
-    )
-    eval_items, eval_labels = ([], [])
-    if eval_source:
-        eval_items, eval_labels, _ = encode_pairs(eval_source, tokenizer, cfg)
-    needs_ref = cfg.loss not in REFERENCE_FREE
-    ref_path = run_dir / "reference_logps.safetensors"
-    ref = eval_ref = None
-    if needs_ref:
-        if cfg.resume and ref_path.is_file():
-            saved = load_file(str(ref_path))
-            ref, eval_ref = saved["train"], saved.get("eval")
-        else:
-            # Only the rows this run will visit: the same numbers, without a pass over the whole data set.
-            ref = reference_logps(model, items, cfg, rows=visited_rows(len(items), cfg))
-            eval_ref = reference_logps(model, eval_items, cfg) if eval_items else None
-            tensors = {"train": ref, **({"eval": eval_ref} if eval_ref is not None else {})}
-            save_file(tensors, str(ref_path))
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg)
-    sampler = ResumableSampler(len(items), seed=cfg.seed)
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    state = {"step": 0, "skipped_steps": 0, "bad_in_row": 0, "sampler": sampler.state_dict()}
-    state, resumed_from = restore_or_start(run_dir, cfg, model, optimizer, scheduler, sampler, log, state)
-    params = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="dpo", disable=not cfg.progress, unit="step")
-    while state["step"] < cfg.max_steps:
-        step, t0 = state["step"] + 1, time.perf_counter()
-        index = sampler.take(cfg.batch_size)
-        totals: dict[str, float] = {}
-        for micro in range(cfg.grad_accum):
-            part = index[micro :: cfg.grad_accum]
-            sub_ref = None if ref is None else ref[part]
-            loss, stats = preference_loss(model, [items[i] for i in part], [labels[i] for i in part], sub_ref, cfg)
-            (loss.sum() / len(index)).backward()
-            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach().sum()) / len(index)
-            for key, value in stats.items():
-                if value.dim():
-                    totals[key] = totals.get(key, 0.0) + float(value.sum()) / len(index)
-        finite, grad_norm = clip_and_step(optimizer, params, cfg, totals["loss"])
-        count_step(state, finite)
-        lr = step_scheduler(scheduler)
-        state.update(step=step, sampler=sampler.state_dict())
-        record = {"step": step, "lr": lr, "grad_norm": float(grad_norm), **totals}
-        record["step_s"] = round(time.perf_counter() - t0, 4)
-        evaluated = bool(eval_items) and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps)
-        if evaluated:
-            record.update(held_out(model, eval_items, eval_labels, eval_ref, cfg))
-        bar.set_postfix(loss=f"{totals['loss']:.4f}")
-        common = dict(state=state, log=log, bar=bar, model=model, optimizer=optimizer, scheduler=scheduler)
-        if close_step("dpo", run_dir, cfg, record, finite=finite, evaluated=evaluated, stop_after=stop_after, **common):
-            return {"stage": "dpo", "steps": step, "stopped_early": True}
-    bar.close()
-    save_model_dir(model, tokenizer, run_dir / "final")
-    metrics = log.read()
-    last_eval = next((m for m in reversed(metrics) if "eval_loss" in m), {})
-    summary = {
-        "stage": "dpo",
-        "model": cfg.model,
-        "final": str(run_dir / "final"),
-        "loss": cfg.loss,
-        "lora": bool(cfg.lora_rank),
-        "steps": state["step"],
-        "skipped_steps": state["skipped_steps"],
-        "resumed_from": resumed_from,
-        **counts,
-        "final_train_loss": metrics[-1].get("loss") if metrics else None,
-        "heldout": {k: v for k, v in last_eval.items() if k.startswith("eval_")},
-        "wall_s": round(time.perf_counter() - started, 3),
-        "peak_memory_mb": round(peak_memory_mb(), 1),
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    return run_stage(DPOStage(cfg), stop_after=stop_after)
 
 
 def load_reference(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -12,38 +12,25 @@ column (0 otherwise). Pairs are packed padding-free, chosen and rejected in one 
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from posttrain.data.batching import ResumableSampler
 from posttrain.data.encode import EncodeStats, Example, apply_length_policy, encode_row
 from posttrain.data.rows import load_rows, validate_rows
-from posttrain.distributed import peak_memory_mb, resolve_device
+from posttrain.distributed import DistContext
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.preference import bradley_terry_loss
-from posttrain.models.loading import save_model_dir
+from posttrain.losses.reduce import row_mean
 from posttrain.rewards.model import load_reward_model, sequence_rewards
-from posttrain.train.loop import (
-    clip_and_step,
-    close_step,
-    count_step,
-    make_optimizer,
-    make_scheduler,
-    restore_or_start,
-    step_scheduler,
-)
-from posttrain.train.metrics import MetricsLog
-from posttrain.train.stage import default_eval_data, prepare_run_dir
+from posttrain.train.policy import default_eval_data
+from posttrain.train.scaffold import Run, Stage, even_chunks, run_stage
 
 
 def encode_pairs(source: Any, tokenizer: Any, cfg: Any) -> tuple[list[tuple[Example, Example]], list[float], dict]:
     name = source if isinstance(source, str) else "<rows>"
-    checked = validate_rows(load_rows(source), "preference", source=name)
+    checked = validate_rows(load_rows(source), "preference", source=name, skip_bad_rows=cfg.skip_bad_rows)
     stats = EncodeStats()
     pairs, margins = [], []
     for row, line in zip(checked.rows, checked.lines):
@@ -67,6 +54,78 @@ def pair_rewards(model: Any, pairs: list[tuple[Example, Example]]) -> tuple[torc
     return rewards[:, 0], rewards[:, 1]
 
 
+class RMStage(Stage):
+    """Bradley-Terry training of a scalar head over the backbone."""
+
+    name = "rm"
+
+    def build(self, ctx: DistContext) -> tuple[Any, Any]:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        model, tokenizer = load_reward_model(cfg.model, dtype=cfg.dtype)
+        self.pairs, self.margins, self.counts = encode_pairs(cfg.data, tokenizer, cfg)
+        source = cfg.eval_data or default_eval_data(cfg.data)
+        self.eval_pairs = encode_pairs(source, tokenizer, cfg)[0] if source else []
+        if cfg.batch_size % (ctx.world * cfg.grad_accum):
+            raise ConfigError(
+                f"rm.batch_size: {cfg.batch_size} pairs cannot be split into {ctx.world} ranks x"
+                f" grad_accum={cfg.grad_accum} equal micro-batches"
+            )
+        return model, tokenizer
+
+    def rows_per_step(self) -> tuple[int, int]:
+        return len(self.pairs), self.cfg.batch_size
+
+    def step(self, run: Run, indices: list[int], step: int) -> dict[str, Any]:
+        mine = run.ctx.shard(indices)
+        accum = self.cfg.grad_accum
+        size = len(mine) // accum
+        loss_sum, right, margin_sum = 0.0, 0.0, 0.0
+        for k in range(accum):
+            part = mine[k * size : (k + 1) * size]
+            with run.no_sync(last=k == accum - 1):
+                with run.amp():
+                    chosen, rejected = run.model.forward(pair_rewards, [self.pairs[i] for i in part])
+                margin = torch.tensor([self.margins[i] for i in part], device=chosen.device)
+                loss = row_mean(bradley_terry_loss(chosen.float(), rejected.float(), margin), num_rows=len(indices))
+                run.backward(loss)
+            loss_sum += float(loss.detach())
+            right += float((chosen > rejected).sum())
+            margin_sum += float((chosen - rejected).detach().sum())
+        finite, grad_norm, loss_value = run.update(loss_sum)
+        right, margin_sum = run.ctx.sum(right, margin_sum)
+        n = len(indices)
+        return {
+            "finite": finite,
+            "loss": loss_value,
+            "grad_norm": grad_norm,
+            "accuracy": right / n,
+            "margin": margin_sum / n,
+        }
+
+    @torch.no_grad()
+    def evaluate(self, run: Run) -> dict[str, float]:
+        """Share of held-out pairs whose chosen reply gets the higher reward."""
+        if not self.eval_pairs:
+            return {}
+        module = run.model.module
+        was_training = module.training
+        module.eval()
+        right, counted = 0, 0
+        for chunk, real in even_chunks(run.ctx, self.eval_pairs, 64):
+            with run.amp():
+                chosen, rejected = run.model.forward(pair_rewards, chunk)
+            if real:
+                right += int((chosen > rejected).sum())
+                counted += len(chunk)
+        module.train(was_training)
+        right, counted = run.ctx.sum(right, counted)
+        return {"eval_pair_accuracy": right / counted}
+
+    def summary(self, run: Run) -> dict[str, Any]:
+        return dict(self.counts)
+
+
 @torch.no_grad()
 def pair_accuracy(model: Any, pairs: list[tuple[Example, Example]], *, batch_size: int = 64) -> float:
     """Share of pairs whose chosen reply gets the higher reward."""
@@ -82,67 +141,4 @@ def pair_accuracy(model: Any, pairs: list[tuple[Example, Example]], *, batch_siz
 
 def run_rm(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
     """Train a reward model and write the run directory; returns the summary."""
-    if cfg.lora_rank:
-        raise ConfigError("rm.lora_rank: reward models train fully for now (the score head is new); use 0")
-    if cfg.batch_size % cfg.grad_accum:
-        raise ConfigError(f"rm.grad_accum: must divide batch_size ({cfg.batch_size}), got {cfg.grad_accum}")
-    run_dir = prepare_run_dir(cfg, "rm")
-    started = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = load_reward_model(cfg.model, dtype=cfg.dtype)
-    model.to(resolve_device(cfg.device))
-    pairs, margins, counts = encode_pairs(cfg.data, tokenizer, cfg)
-    eval_source = cfg.eval_data or default_eval_data(cfg.data)
-    eval_pairs = encode_pairs(eval_source, tokenizer, cfg)[0] if eval_source else []
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg)
-    sampler = ResumableSampler(len(pairs), seed=cfg.seed)
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    state = {"step": 0, "skipped_steps": 0, "bad_in_row": 0, "sampler": sampler.state_dict()}
-    state, resumed_from = restore_or_start(run_dir, cfg, model, optimizer, scheduler, sampler, log, state)
-    params = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="rm", disable=not cfg.progress, unit="step")
-    while state["step"] < cfg.max_steps:
-        step, t0 = state["step"] + 1, time.perf_counter()
-        index = sampler.take(cfg.batch_size)
-        totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
-        for micro in range(cfg.grad_accum):
-            part = index[micro :: cfg.grad_accum]
-            chosen, rejected = pair_rewards(model, [pairs[i] for i in part])
-            margin = torch.tensor([margins[i] for i in part], device=chosen.device)
-            loss = bradley_terry_loss(chosen, rejected, margin)
-            (loss.sum() / len(index)).backward()
-            totals["loss"] += float(loss.detach().sum()) / len(index)
-            totals["accuracy"] += float((chosen > rejected).sum()) / len(index)
-            totals["margin"] += float((chosen - rejected).detach().sum()) / len(index)
-        finite, grad_norm = clip_and_step(optimizer, params, cfg, totals["loss"])
-        count_step(state, finite)
-        lr = step_scheduler(scheduler)
-        state.update(step=step, sampler=sampler.state_dict())
-        record = {"step": step, "lr": lr, "grad_norm": float(grad_norm), **totals}
-        record["step_s"] = round(time.perf_counter() - t0, 4)
-        evaluated = bool(eval_pairs) and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps)
-        if evaluated:
-            record["eval_pair_accuracy"] = pair_accuracy(model, eval_pairs)
-        common = dict(state=state, log=log, bar=bar, model=model, optimizer=optimizer, scheduler=scheduler)
-        if close_step("rm", run_dir, cfg, record, finite=finite, evaluated=evaluated, stop_after=stop_after, **common):
-            return {"stage": "rm", "steps": step, "stopped_early": True}
-    bar.close()
-    save_model_dir(model, tokenizer, run_dir / "final")
-    metrics = log.read()
-    last_eval = next((m for m in reversed(metrics) if "eval_pair_accuracy" in m), {})
-    summary = {
-        "stage": "rm",
-        "model": cfg.model,
-        "final": str(run_dir / "final"),
-        "steps": state["step"],
-        "skipped_steps": state["skipped_steps"],
-        "resumed_from": resumed_from,
-        **counts,
-        "final_train_loss": metrics[-1].get("loss") if metrics else None,
-        "heldout": {"pair_accuracy": last_eval.get("eval_pair_accuracy")},
-        "wall_s": round(time.perf_counter() - started, 3),
-        "peak_memory_mb": round(peak_memory_mb(), 1),
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    return run_stage(RMStage(cfg), stop_after=stop_after)

@@ -1,0 +1,111 @@
+"""What the RL stages (GRPO, PPO) share: prompt rows, held-out rows, the KL reference, the rollout engines, the
+per-prompt sampling seeds and the metrics of a batch of samples, all of them rank-aware.
+
+Sampling is seeded per prompt by (seed, step, the prompt's place in the global batch), so the samples do not
+depend on how the batch is split over ranks: N ranks draw what one process draws.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from posttrain.data.encode import render_prompt
+from posttrain.data.rows import load_rows, validate_rows
+from posttrain.errors import ConfigError, DataError
+from posttrain.eval.harness import heldout_accuracy
+from posttrain.rewards.verify import score_answer
+from posttrain.rollout.factory import make_engine
+
+
+def prompt_rows(cfg: Any, tokenizer: Any, stage: str) -> tuple[list[dict], int]:
+    """The prompt rows that fit ``max_length`` (others dropped and counted); gold-only columns removed."""
+    rows = validate_rows(load_rows(cfg.data), "prompt", source=cfg.data, skip_bad_rows=False).rows
+    kept = [
+        r
+        for r in rows
+        if len(tokenizer(render_prompt(r, tokenizer), add_special_tokens=False)["input_ids"]) <= cfg.max_length
+    ]
+    if not kept:
+        raise ConfigError(f"{stage}.max_length: all {len(rows)} prompts are longer than {cfg.max_length} tokens")
+    return [{k: v for k, v in r.items() if k not in ("completion", "question")} for r in kept], len(rows) - len(kept)
+
+
+def heldout_rows(cfg: Any, stage: str) -> list[dict]:
+    """Held-out rows {prompt, answer} for the greedy accuracy: ``eval_data``, else the task's val split when
+    training on a built-in task, else none."""
+    source = cfg.eval_data
+    if not source:
+        if not cfg.data.startswith("task:"):
+            if cfg.eval_every:
+                raise ConfigError(f"{stage}.eval_data: eval_every needs held-out rows with answers (give eval_data)")
+            return []
+        source = "task:" + cfg.data.split(":")[1] + ":val"
+    rows = validate_rows(load_rows(source), "prompt", source=source, skip_bad_rows=False).rows
+    for i, row in enumerate(rows):
+        if "answer" not in row:
+            raise DataError(source, i + 1, "answer", "held-out rows for the greedy accuracy need an answer")
+    return rows[: cfg.eval_limit]
+
+
+def make_reference(model: Any, cfg: Any) -> Any:
+    """The KL reference: none without KL; with LoRA none either (the base with adapters disabled serves, so no
+    second copy is held); else a frozen copy of the starting model (taken before any sharding)."""
+    if cfg.kl_coef == 0 or cfg.lora_rank:
+        return None
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def prompt_seeds(cfg: Any, step: int, positions: list[int]) -> list[int]:
+    """One sampling seed per prompt: a function of (seed, step, place in the global batch) only."""
+    return [(cfg.seed * 1_000_003 + step) * 1_009 + p for p in positions]
+
+
+class Engines:
+    """The rollout engine (and, when it samples a different copy, an fp32 one for the held-out accuracy)."""
+
+    def __init__(self, run: Any, cfg: Any, policy: Any):
+        sharded = run.model.sharded
+        # Under FSDP2 the trained module holds shards only: the engine samples from a whole copy.
+        self.rollout = make_engine(cfg.rollout_engine, policy, run.tokenizer, dtype=cfg.rollout_dtype, copy=sharded)
+        if sharded:
+            self.rollout.update_weights(run.model.full_state(trainable_only=False))
+        separate = cfg.rollout_engine == "hf" and cfg.rollout_dtype != "auto" and not sharded
+        self.eval = make_engine("hf", policy, run.tokenizer) if separate else self.rollout
+        self.run, self.policy = run, policy
+
+    def refresh(self) -> None:
+        """After an update: the engine samples the new weights (gathered from shards under FSDP2)."""
+        source = self.run.model.full_state(trainable_only=False) if self.run.model.sharded else self.policy
+        self.rollout.update_weights(source)
+
+
+def heldout(engines: Engines, rows: list[dict], ctx: Any, max_new_tokens: int) -> dict[str, float]:
+    """Greedy strict/lenient accuracy on ``rows``, each rank a share, summed over ranks."""
+    if not rows:
+        return {}
+    mine = ctx.shard(rows)
+    acc = heldout_accuracy(engines.eval, mine, max_new_tokens) if mine else {}
+    strict, lenient = ctx.sum(
+        acc.get("eval_accuracy_strict", 0.0) * len(mine), acc.get("eval_accuracy_lenient", 0.0) * len(mine)
+    )
+    return {"eval_accuracy_strict": strict / len(rows), "eval_accuracy_lenient": lenient / len(rows)}
+
+
+def sampled_accuracy(texts: list[str], rows: list[dict], ctx: Any) -> tuple[float | None, float | None]:
+    """(strict, lenient) accuracy of the samples whose rows have an answer, over all ranks (None without any)."""
+    scores = [score_answer(t, str(r["answer"])) for t, r in zip(texts, rows) if "answer" in r]
+    strict, lenient, count = ctx.sum(sum(s for s, _ in scores), sum(le for _, le in scores), len(scores))
+    return (strict / count, lenient / count) if count else (None, None)
+
+
+def ordered(ctx: Any, local: torch.Tensor) -> torch.Tensor:
+    """Every rank's (n, ...) part of a batch that was split with ``ctx.shard``, back in the batch's order."""
+    if not ctx.distributed:
+        return local
+    gathered = ctx.all_gather(local)
+    n = local.shape[0]
+    order = [(p % ctx.world) * n + p // ctx.world for p in range(n * ctx.world)]
+    return gathered[order]
