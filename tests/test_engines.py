@@ -14,7 +14,7 @@ import torch
 from posttrain.errors import ConfigError
 from posttrain.rollout import HFEngine, Rollouts, SamplingParams, make_engine, vllm_engine
 from posttrain.rollout import factory as factory_module
-from posttrain.rollout.vllm_engine import VLLMEngine, hf_weights, request_seed, to_rollouts
+from posttrain.rollout.vllm_engine import VLLMEngine, hf_weights, request_seeds, to_rollouts
 
 QUESTIONS = ["What is 12 + 345?", "Write in capitals: kettle", "Ann has 7 pens."]
 GREEDY = SamplingParams(n=1, temperature=0.0, max_new_tokens=16)
@@ -72,6 +72,8 @@ def test_factory_errors_name_the_config_key(base):
         make_engine("hf", model, tok, dtype="fp8")
     with pytest.raises(ConfigError, match=r"^rollout_engine: the hf engine has no option 'gpu_memory_utilization'"):
         make_engine("hf", model, tok, gpu_memory_utilization=0.5)
+    with pytest.raises(ConfigError, match=r"^rollout_engine: the vllm engine has no option 'share_prefill'"):
+        make_engine("vllm", model, tok, share_prefill=False)  # checked before vLLM's availability
 
 
 # ----------------------------------------------------------------------------------------------- weight updates
@@ -123,7 +125,7 @@ def test_update_weights_is_a_noop_when_the_engine_samples_the_trained_model(base
 def test_vllm_without_a_gpu_is_a_clear_config_error(base):
     model, tok = base
     with pytest.raises(ConfigError) as err:
-        make_engine("vllm", model, tok)
+        make_engine("vllm", model, tok, dtype="bfloat16", copy=True)  # what a trainer under FSDP2 asks for
     message = str(err.value)
     assert message.startswith("rollout_engine: vllm cannot run here: it needs an NVIDIA GPU")
     assert 'pip install "posttrain[vllm]"' in message and "use hf" in message
@@ -194,7 +196,7 @@ def test_vllm_engine_maps_outputs_to_rollouts_and_loads_weights(base, monkeypatc
         {"prompt_token_ids": tok("dog?", add_special_tokens=False)["input_ids"]},
         {"prompt_token_ids": tok("g?", add_special_tokens=False)["input_ids"]},
     ]
-    assert [s for _, s in sent_params] == [request_seed(5, 0, 2), request_seed(5, 1, 2)]
+    assert [s for _, s in sent_params] == request_seeds(5, 2, 2)
     # Samples in index order, prompt-major; EOS kept in the mask; padded with pad id and log-prob 0.
     assert out.prompt_index == [0, 0, 1, 1]
     assert out.texts == ["DOG", "OD", "G", ""] and out.finish_reasons == ["stop", "length", "length", "stop"]
@@ -210,10 +212,15 @@ def test_vllm_engine_maps_outputs_to_rollouts_and_loads_weights(base, monkeypatc
     assert engine.llm.loaded[-1][0] == "model.norm.weight" and engine.llm.resets == 2
 
 
-def test_request_seeds_never_collide_within_a_call():
-    seeds = {request_seed(7, p, 4) + i for p in range(50) for i in range(4)}
+def test_request_seeds_never_collide_within_a_call_and_per_prompt_seeds_stand_alone():
+    seeds = {s + i for s in request_seeds(7, 50, 4) for i in range(4)}  # vLLM seeds sample i of a request s + i
     assert len(seeds) == 200
-    assert request_seed(7, 0, 4) != request_seed(8, 0, 4)
+    assert request_seeds(7, 1, 4) != request_seeds(8, 1, 4)
+    own = request_seeds([3, 4, 5], 3, 4)
+    assert len({s + i for s in own for i in range(4)}) == 12
+    assert request_seeds([4], 1, 4) == own[1:2]  # a prompt's request seed depends on its own seed only
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        request_seeds([1, 2], 3, 4)
 
 
 def test_lora_weights_reach_vllm_merged_under_plain_hf_names(base):

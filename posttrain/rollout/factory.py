@@ -38,9 +38,13 @@ from posttrain.errors import ConfigError
 from posttrain.rollout.engine import HFEngine, RolloutEngine
 
 ENGINES = ("hf", "vllm")
+OPTIONS = {
+    "hf": {"share_prefill", "copy"},
+    "vllm": {"copy", "model_path", "gpu_memory_utilization", "max_model_len", "enforce_eager", "llm_kwargs"},
+}
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# What a GPU user installs; kept here so the error message and the README say the same thing.
+# What a GPU user installs (also in vllm_engine.py's docstring and the comment on the extra in pyproject.toml).
 VLLM_INSTALL = (
     "on a Linux machine with an NVIDIA GPU, install the CUDA build of torch 2.13.0 first (PyPI's default Linux"
     ' wheel), then `pip install "posttrain[vllm]"` (vLLM 0.32.x; it pins transformers < 5.20)'
@@ -50,25 +54,28 @@ VLLM_INSTALL = (
 def make_engine(kind: str, model: Any, tokenizer: Any, *, dtype: str = "auto", **options: Any) -> RolloutEngine:
     """The rollout engine ``kind`` (``hf`` or ``vllm``) for ``model`` (the trained HF model) and ``tokenizer``.
 
-    ``dtype`` is the precision rollouts are sampled in (``auto``: the model's own). Options: for ``hf``,
-    ``share_prefill`` (bool) and ``copy`` (bool: sample from a separate copy even in the same dtype); for
-    ``vllm``, see ``VLLMEngine``. An unknown kind, dtype or option is a ``ConfigError`` naming the key."""
+    ``dtype`` is the precision rollouts are sampled in (``auto``: the model's own). Options: ``copy`` (bool:
+    sample from a separate copy even in the same dtype, as an FSDP2 trainer needs; vLLM always has its own), for
+    ``hf`` also ``share_prefill`` (bool), for ``vllm`` those of ``VLLMEngine``. An unknown kind, dtype or option
+    is a ``ConfigError`` naming the key; so is ``vllm`` where it cannot run (no CUDA GPU, vLLM not installed)."""
+    if kind not in ENGINES:
+        raise ConfigError(f"rollout_engine: unknown engine {kind!r} (choose one of {', '.join(ENGINES)})")
     if dtype not in DTYPES:
         raise ConfigError(f"rollout_dtype: unknown dtype {dtype!r} (choose one of {', '.join(DTYPES)})")
+    unknown = sorted(set(options) - OPTIONS[kind])
+    if unknown:
+        known = ", ".join(sorted(OPTIONS[kind]))
+        raise ConfigError(f"rollout_engine: the {kind} engine has no option {unknown[0]!r} ({known})")
     if kind == "hf":
-        unknown = sorted(set(options) - {"share_prefill", "copy"})
-        if unknown:
-            raise ConfigError(f"rollout_engine: the hf engine has no option {unknown[0]!r} (share_prefill, copy)")
         sampled = rollout_model(model, dtype, copy=options.pop("copy", False))
         return HFEngine(sampled, tokenizer, **options)
-    if kind == "vllm":
-        reason = vllm_unavailable()
-        if reason:
-            raise ConfigError(f"rollout_engine: vllm cannot run here: {reason}; {VLLM_INSTALL}, or use hf")
-        from posttrain.rollout.vllm_engine import VLLMEngine
+    reason = vllm_unavailable()
+    if reason:
+        raise ConfigError(f"rollout_engine: vllm cannot run here: {reason}; {VLLM_INSTALL}, or use hf")
+    from posttrain.rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(model, tokenizer, dtype=dtype, **options)
-    raise ConfigError(f"rollout_engine: unknown engine {kind!r} (choose one of {', '.join(ENGINES)})")
+    options.pop("copy", None)  # vLLM always samples from weights of its own
+    return VLLMEngine(model, tokenizer, dtype=dtype, **options)
 
 
 def engine_for(engine: str | RolloutEngine, model: Any, tokenizer: Any) -> RolloutEngine:

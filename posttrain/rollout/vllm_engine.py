@@ -20,8 +20,9 @@ How it maps onto vLLM's offline ``LLM`` API (checked against vLLM 0.32's source)
   ``gpu_memory_utilization`` low enough to leave the trainer its memory.
 - Sampling: prompts go in as token ids from our tokenizer (as in ``HFEngine``); ``SamplingParams`` map one to one
   (``n``, ``temperature`` (0 = greedy), ``top_p``, ``top_k`` (0 = off), ``max_new_tokens`` -> ``max_tokens``,
-  ``min_new_tokens`` -> ``min_tokens``, ``stop``); the ``seed`` of ``generate`` gives each prompt its own
-  request seed (vLLM then seeds the n samples of a request ``seed + i``), so a seed gives the same samples.
+  ``min_new_tokens`` -> ``min_tokens``, ``stop``); the ``seed`` of ``generate`` (one, or one per prompt) gives
+  each prompt its own request seed (vLLM then seeds the n samples of a request ``seed + i``), so a seed gives
+  the same samples. (The same seed does not give the same samples as ``HFEngine``: the generators differ.)
   Completions keep their EOS token (mask True), texts are decoded by our tokenizer without special tokens.
 - Log-probs: ``logprobs=0`` returns the sampled token's log-prob, under ``logprobs_mode="processed_logprobs"``:
   the distribution after temperature, as ``HFEngine`` and the trainer compute it (vLLM's default
@@ -98,11 +99,11 @@ class VLLMEngine:
                 save_plain(model, tokenizer, Path(tmp) / "model")
                 self.llm = LLM(model=str(Path(tmp) / "model"), **kwargs)
 
-    def generate(self, prompts: list[str], params: SamplingParams, *, seed: int) -> Rollouts:
-        """See ``RolloutEngine.generate``."""
+    def generate(self, prompts: list[str], params: SamplingParams, *, seed: int | list[int]) -> Rollouts:
+        """See ``RolloutEngine.generate`` (one seed, or one per prompt)."""
         tok = self.tokenizer
         prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        requests = [vllm_params(params, seed=request_seed(seed, i, params.n)) for i in range(len(prompts))]
+        requests = [vllm_params(params, seed=s) for s in request_seeds(seed, len(prompts), params.n)]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], requests, use_tqdm=False)
         ids, logps, finish = [], [], []
         for out in outputs:
@@ -153,10 +154,16 @@ def vllm_params(params: SamplingParams, *, seed: int) -> Any:
     )
 
 
-def request_seed(seed: int, prompt: int, n: int) -> int:
-    """The seed of prompt ``prompt``'s request: vLLM seeds its ``n`` samples ``seed + i``, so consecutive
-    prompts are ``n`` apart and no two samples of one call share a seed."""
-    return (seed * 1_000_003 + prompt * max(n, 1)) % 2**63
+def request_seeds(seed: int | list[int], prompts: int, n: int) -> list[int]:
+    """The vLLM request seed of each prompt. vLLM seeds a request's ``n`` samples ``seed + i``, so with one
+    ``seed`` consecutive prompts are ``n`` apart; with one seed per prompt each request's seed depends on its
+    own seed alone (samples independent of the rest of the batch). No two samples share a seed (given distinct
+    per-prompt seeds)."""
+    if isinstance(seed, int):
+        return [(seed * 1_000_003 + i * max(n, 1)) % 2**63 for i in range(prompts)]
+    if len(seed) != prompts:
+        raise ValueError(f"{len(seed)} seeds for {prompts} prompts")
+    return [(s * 1_000_003) % 2**63 for s in seed]
 
 
 def to_rollouts(

@@ -66,13 +66,14 @@ class GRPOStage(Stage):
             min_new_tokens=cfg.min_new_tokens,
         )
         self.reward_failures = 0
+        self.engines = Engines(cfg, model, tokenizer, ctx)
         return model, tokenizer
 
     def rows_per_step(self) -> tuple[int, int]:
         return len(self.rows), self.cfg.batch_prompts
 
     def prepare(self, run: Run) -> None:
-        self.engines = Engines(run, self.cfg, run.model.module)
+        self.engines.refresh(run)  # a resumed run's weights
 
     def extra_state(self) -> dict[str, Any]:
         return {"reward_failures": self.reward_failures}
@@ -106,7 +107,7 @@ class GRPOStage(Stage):
         times["reward_s"] = time.perf_counter() - t
 
         record = self.update(run, rollouts, advantages, keep, times)
-        self.engines.refresh()
+        self.engines.refresh(run)
         (failed,) = ctx.sum(scores.failed)
         self.reward_failures += int(failed)
         per_function = {f"reward_{k}": ordered(ctx, v.float()).mean().item() for k, v in scores.per_function.items()}

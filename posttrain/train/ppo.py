@@ -12,19 +12,13 @@ The maths lives in ``posttrain.losses.ppo``; this file wires it up.
 
 from __future__ import annotations
 
-import json
-import random
-import time
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
-from posttrain.data.batching import ResumableSampler
 from posttrain.data.encode import render_prompt
-from posttrain.distributed import peak_memory_mb
+from posttrain.distributed import DistContext
 from posttrain.errors import ConfigError
 from posttrain.losses.ppo import (
     AdaptiveKLController,
@@ -35,23 +29,25 @@ from posttrain.losses.ppo import (
     shaped_rewards,
     token_surrogate,
     whiten,
+    whiten_sums,
 )
+from posttrain.losses.reduce import masked_sum
+from posttrain.models.loading import save_model_dir
 from posttrain.rewards import parse_rewards, score_completions
-from posttrain.rewards.verify import generic_score
-from posttrain.rollout import HFEngine, SamplingParams
+from posttrain.rollout import SamplingParams
 from posttrain.rollout.scoring import completion_logps
-from posttrain.train.grpo import _prompt_rows, make_reference
-from posttrain.train.loop import (
-    clip_and_step,
-    close_step,
-    count_step,
-    make_optimizer,
-    make_scheduler,
-    restore_or_start,
-    step_scheduler,
+from posttrain.train.policy import model_for_training
+from posttrain.train.rl import (
+    Engines,
+    heldout,
+    heldout_rows,
+    make_reference,
+    ordered,
+    prompt_rows,
+    prompt_seeds,
+    sampled_accuracy,
 )
-from posttrain.train.metrics import MetricsLog
-from posttrain.train.stage import model_for_training, prepare_run_dir, save_model_dir
+from posttrain.train.scaffold import Run, Stage, run_stage
 
 
 class PolicyWithValue(torch.nn.Module):
@@ -80,146 +76,182 @@ def logps_and_values(
     return logps, values
 
 
-def _check(cfg: Any) -> None:
-    for key in ("batch_prompts", "samples_per_prompt", "ppo_epochs", "minibatches", "max_new_tokens"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"ppo.{key}: must be at least 1, got {getattr(cfg, key)}")
-    if (cfg.batch_prompts * cfg.samples_per_prompt) % cfg.minibatches:
-        raise ConfigError("ppo.minibatches: must divide batch_prompts x samples_per_prompt")
-    if cfg.kl_coef < 0 or (cfg.kl_controller == "adaptive" and cfg.kl_target <= 0):
-        raise ConfigError("ppo.kl_coef must be >= 0 and ppo.kl_target > 0 for the adaptive controller")
+class PPOStage(Stage):
+    """PPO with a value head; see module docstring."""
 
+    name = "ppo"
 
-def run_ppo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
-    """Run PPO and write the run directory; returns the summary."""
-    _check(cfg)
-    run_dir = prepare_run_dir(cfg, "ppo")
-    started = time.perf_counter()
-    specs = parse_rewards(cfg.reward, cfg.reward_weights)
-    policy, tokenizer = model_for_training(cfg, "ppo")
-    rows, dropped = _prompt_rows(cfg, tokenizer)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    reference = make_reference(policy, cfg)
-    pv = PolicyWithValue(policy, _hidden_size(policy)).to(next(policy.parameters()).device)
-    controller: Any = (
-        AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-        if cfg.kl_controller == "adaptive"
-        else FixedKLController(cfg.kl_coef)
-    )
-    params = SamplingParams(n=cfg.samples_per_prompt, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
-    optimizer = make_optimizer(pv, cfg)
-    scheduler = make_scheduler(optimizer, cfg)
-    sampler = ResumableSampler(len(rows), seed=cfg.seed)
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    state = {"step": 0, "skipped_steps": 0, "bad_in_row": 0, "sampler": sampler.state_dict()}
-    state["kl_controller"] = controller.state_dict()
-    state, resumed_from = restore_or_start(run_dir, cfg, pv, optimizer, scheduler, sampler, log, state)
-    controller.load_state_dict(state["kl_controller"])
-    engine = HFEngine(policy, tokenizer)
-    trainable = [p for p in pv.parameters() if p.requires_grad]
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="ppo", disable=not cfg.progress, unit="step")
-    while state["step"] < cfg.max_steps:
-        step, t0 = state["step"] + 1, time.perf_counter()
-        batch_rows = [rows[i] for i in sampler.take(cfg.batch_prompts)]
-        rollouts = engine.generate(
-            [render_prompt(r, tokenizer) for r in batch_rows], params, seed=cfg.seed * 1_000_003 + step
+    def build(self, ctx: DistContext) -> tuple[Any, Any]:
+        cfg = self.cfg
+        if cfg.batch_prompts % ctx.world:
+            raise ConfigError(f"ppo.batch_prompts: {cfg.batch_prompts} prompts cannot be split over {ctx.world} ranks")
+        self.specs = parse_rewards(cfg.reward, cfg.reward_weights)
+        policy, tokenizer = model_for_training(cfg, ctx.device)
+        self.rows, self.dropped = prompt_rows(cfg, tokenizer, "ppo")
+        self.eval_rows = heldout_rows(cfg, "ppo")
+        self.reference = make_reference(policy, cfg)
+        self.engines = Engines(cfg, policy, tokenizer, ctx)
+        self.controller: Any = (
+            AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+            if cfg.kl_controller == "adaptive"
+            else FixedKLController(cfg.kl_coef)
         )
+        self.params = SamplingParams(
+            n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens
+        )
+        return PolicyWithValue(policy, _hidden_size(policy)), tokenizer
+
+    def rows_per_step(self) -> tuple[int, int]:
+        return len(self.rows), self.cfg.batch_prompts
+
+    def prepare(self, run: Run) -> None:
+        self.engines.refresh(run, prefix="policy.")
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"kl_controller": self.controller.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.controller.load_state_dict(state["kl_controller"])
+
+    def step(self, run: Run, indices: list[int], step: int) -> dict[str, Any]:
+        cfg, ctx = self.cfg, run.ctx
+        mine = ctx.shard(list(range(len(indices))))
+        batch_rows = [self.rows[indices[p]] for p in mine]
+        prompts = [render_prompt(r, run.tokenizer) for r in batch_rows]
+        rollouts = self.engines.rollout.generate(prompts, self.params, seed=prompt_seeds(cfg, step, mine))
         per_completion = [batch_rows[i] for i in rollouts.prompt_index]
         scores = score_completions(
-            specs, rollouts.texts, per_completion, timeout_s=cfg.reward_timeout_s, on_error=cfg.reward_on_error
+            self.specs, rollouts.texts, per_completion, timeout_s=cfg.reward_timeout_s, on_error=cfg.reward_on_error
         ).total.float()
         b, mask = len(rollouts.texts), rollouts.mask
         everyone = list(range(b))
+        pv = run.model.module
         with torch.no_grad():
-            old_logps, old_values = logps_and_values(pv, rollouts, everyone, cfg.temperature)
+            old_logps, old_values = run.model.forward(logps_and_values, rollouts, everyone, cfg.temperature)
             kl_tokens = torch.zeros_like(old_logps)
             if cfg.kl_coef > 0:
-                with policy.disable_adapter() if reference is None else nullcontext():
-                    ref_logps = completion_logps(reference or policy, rollouts, temperature=cfg.temperature)
+                if self.reference is not None:
+                    ref_logps = completion_logps(self.reference, rollouts, temperature=cfg.temperature)
+                else:
+                    with pv.policy.disable_adapter():
+                        ref_logps = run.model.forward(
+                            lambda m: completion_logps(m.policy, rollouts, temperature=cfg.temperature)
+                        )
                 kl_tokens = (old_logps - ref_logps) * mask
-            rewards = shaped_rewards(scores, kl_tokens, mask, kl_coef=controller.value)
+            rewards = shaped_rewards(scores, kl_tokens, mask, kl_coef=self.controller.value)
             advantages, returns = gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
-            if cfg.whiten_advantages:
-                advantages = whiten(advantages, mask)
-        generator = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
-        size = b // cfg.minibatches
-        totals = {"pg_loss": 0.0, "vf_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0}
-        updates, stopped, finite = 0, False, True
-        for _epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(b, generator=generator).tolist()
-            for start in range(0, b, size):
-                mb = order[start : start + size]
-                m = mask[mb]
-                logps, values = logps_and_values(pv, rollouts, mb, cfg.temperature)
-                n_tok = m.sum().clamp(min=1)
-                approx_kl = float(((old_logps[mb] - logps.detach()) * m).sum() / n_tok)
-                if updates and kl_exceeds(approx_kl, cfg.trust_region_kl):
-                    stopped = True  # the policy left the trust region: no more updates on this batch
-                    break
-                ratio = torch.exp(logps.detach() - old_logps[mb])
-                pg_loss = token_surrogate(logps, old_logps[mb], advantages[mb], m, clip=cfg.clip_eps).sum() / n_tok
-                vf_loss = clipped_value_loss(values, old_values[mb], returns[mb], m, clip=cfg.value_clip).sum() / n_tok
-                loss = pg_loss + cfg.vf_coef * vf_loss
-                loss.backward()
-                finite = clip_and_step(optimizer, trainable, cfg, float(loss.detach()))[0] and finite
-                updates += 1
-                clipped = ((ratio - 1).abs() > cfg.clip_eps) & m
-                for key, value in (
-                    ("pg_loss", pg_loss.detach()),
-                    ("vf_loss", vf_loss.detach()),
-                    ("approx_kl", approx_kl),
-                ):
-                    totals[key] += float(value)
-                totals["clip_fraction"] += float(clipped.sum() / n_tok)
-            if stopped:
-                break
-        rollout_kl = float(kl_tokens.sum(-1).mean())
-        coef_used = controller.value
-        controller.update(rollout_kl, n_steps=b)
-        count_step(state, finite)
-        lr = step_scheduler(scheduler)
-        state.update(step=step, sampler=sampler.state_dict(), kl_controller=controller.state_dict())
-        strict = [
-            generic_score(c, str(r["answer"]))[0] for c, r in zip(rollouts.texts, per_completion) if "answer" in r
-        ]
-        record = {
-            "step": step,
-            "lr": lr,
-            "score_mean": float(scores.mean()),
-            "reward_mean": float(rewards.sum(-1).mean()),
+            if cfg.whiten_advantages:  # over the whole batch's tokens, all ranks
+                stats = ctx.all_reduce(whiten_sums(advantages.double(), mask)) if ctx.distributed else None
+                advantages = whiten(advantages, mask, stats=stats)
+        totals, updates, stopped, finite = self.epochs(run, rollouts, old_logps, old_values, advantages, returns, step)
+        kl_sum, score_sum, reward_sum, value_sum, tokens, length_sum, count = ctx.sum(
+            float(kl_tokens.sum()),
+            float(scores.sum()),
+            float(rewards.sum()),
+            float((old_values * mask).sum()),
+            float(mask.sum()),
+            float(mask.sum()),
+            b,
+        )
+        rollout_kl = kl_sum / count
+        coef_used = self.controller.value
+        self.controller.update(rollout_kl, n_steps=int(count))
+        self.engines.refresh(run, prefix="policy.")
+        strict, _ = sampled_accuracy(rollouts.texts, per_completion, ctx)
+        return {
+            "finite": finite,
+            "loss": totals["pg_loss"] / max(updates, 1) + cfg.vf_coef * totals["vf_loss"] / max(updates, 1),
+            "score_mean": score_sum / count,
+            "reward_mean": reward_sum / count,
             "kl": rollout_kl,
             "kl_coef": coef_used,
             "updates": updates,
             "trust_region_stop": stopped,
-            "accuracy_strict": sum(strict) / len(strict) if strict else None,
-            "completion_length": float(mask.sum(-1).float().mean()),
-            "value_mean": float((old_values * mask).sum() / mask.sum()),
+            "accuracy_strict": strict,
+            "completion_length": length_sum / count,
+            "value_mean": value_sum / tokens,
             **{k: v / max(updates, 1) for k, v in totals.items()},
-            "step_s": round(time.perf_counter() - t0, 4),
         }
-        common = dict(state=state, log=log, bar=bar, model=pv, optimizer=optimizer, scheduler=scheduler)
-        if close_step("ppo", run_dir, cfg, record, finite=finite, evaluated=False, stop_after=stop_after, **common):
-            return {"stage": "ppo", "steps": step, "stopped_early": True}
-    bar.close()
-    save_model_dir(policy, tokenizer, run_dir / "final")
-    save_file(
-        {k: v.contiguous() for k, v in pv.value_head.state_dict().items()}, str(run_dir / "value_head.safetensors")
-    )
-    metrics = log.read()
-    summary = {
-        "stage": "ppo",
-        "model": cfg.model,
-        "final": str(run_dir / "final"),
-        "steps": state["step"],
-        "skipped_steps": state["skipped_steps"],
-        "resumed_from": resumed_from,
-        "prompts": len(rows),
-        "dropped_long_prompts": dropped,
-        "final_score_mean": metrics[-1]["score_mean"] if metrics else None,
-        "kl_coef": controller.value,
-        "wall_s": round(time.perf_counter() - started, 3),
-        "peak_memory_mb": round(peak_memory_mb(), 1),
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+
+    def epochs(
+        self, run: Run, rollouts: Any, old_logps: Any, old_values: Any, advantages: Any, returns: Any, step: int
+    ) -> tuple[dict[str, float], int, bool, bool]:
+        """``ppo_epochs`` passes over shuffled minibatches of the *global* batch (the same minibatches whatever the
+        number of ranks); each rank trains on its rows of each minibatch, normalised by the minibatch's tokens."""
+        cfg, ctx, s = self.cfg, run.ctx, self.cfg.samples_per_prompt
+        mask = rollouts.mask
+        n_local = mask.shape[0] // s
+        lengths = ordered(ctx, mask.sum(-1).float().view(n_local, s)).reshape(-1)  # global order
+        total = lengths.numel()
+        owner = {}  # global row -> local row on this rank
+        for i, p in enumerate(ctx.shard(list(range(total // s)))):
+            for j in range(s):
+                owner[p * s + j] = i * s + j
+        generator = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
+        size = total // cfg.minibatches
+        totals = {"pg_loss": 0.0, "vf_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0}
+        updates, stopped, finite = 0, False, True
+        for _epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(total, generator=generator).tolist()
+            for start in range(0, total, size):
+                batch = order[start : start + size]
+                n_tok = float(lengths[batch].sum().clamp(min=1))
+                mb = [owner[r] for r in batch if r in owner]
+                weight = 1.0 if mb else 0.0
+                mb = mb or [0]  # a stand-in row: every rank runs the same forwards
+                m = mask[mb]
+                logps, values = run.model.forward(logps_and_values, rollouts, mb, cfg.temperature)
+                (kl_part,) = ctx.sum(float(((old_logps[mb] - logps.detach()) * m).sum()) * weight)
+                approx_kl = kl_part / n_tok
+                if updates and kl_exceeds(approx_kl, cfg.trust_region_kl):
+                    stopped = True  # the policy left the trust region: no more updates on this batch
+                    break
+                ratio = torch.exp(logps.detach() - old_logps[mb])
+                pg = masked_sum(token_surrogate(logps, old_logps[mb], advantages[mb], m, clip=cfg.clip_eps), m)
+                vf = masked_sum(clipped_value_loss(values, old_values[mb], returns[mb], m, clip=cfg.value_clip), m)
+                loss = (pg + cfg.vf_coef * vf) * weight / n_tok
+                run.backward(loss)
+                clipped = float((((ratio - 1).abs() > cfg.clip_eps) & m).sum()) * weight
+                pg_sum, vf_sum, clip_sum = ctx.sum(float(pg.detach()) * weight, float(vf.detach()) * weight, clipped)
+                ok, _, _ = run.update(float(loss.detach()))
+                finite = finite and ok
+                updates += 1
+                totals["pg_loss"] += pg_sum / n_tok
+                totals["vf_loss"] += vf_sum / n_tok
+                totals["approx_kl"] += approx_kl
+                totals["clip_fraction"] += clip_sum / n_tok
+            if stopped:
+                break
+        return totals, updates, stopped, finite
+
+    def evaluate(self, run: Run) -> dict[str, float]:
+        return heldout(self.engines, self.eval_rows, run.ctx, self.cfg.max_new_tokens)
+
+    def save_final(self, run: Run, path: Any) -> None:
+        full = run.final_state()
+        pv = run.model.module
+        policy_state = {k[7:]: v for k, v in full.items() if k.startswith("policy.")} if full else None
+        save_model_dir(pv.policy, run.tokenizer, path, state_dict=policy_state)
+        head = {k[11:]: v for k, v in full.items() if k.startswith("value_head.")} if full else None
+        head = head or {k: v.detach().cpu() for k, v in pv.value_head.state_dict().items()}
+        save_file({k: v.contiguous() for k, v in head.items()}, str(path.parent / "value_head.safetensors"))
+
+    def summary(self, run: Run) -> dict[str, Any]:
+        records = run_metrics(run)
+        return {
+            "prompts": len(self.rows),
+            "dropped_long_prompts": self.dropped,
+            "final_score_mean": next((r["score_mean"] for r in reversed(records) if "score_mean" in r), None),
+            "kl_coef": self.controller.value,
+        }
+
+
+def run_metrics(run: Run) -> list[dict[str, Any]]:
+    from posttrain.train.metrics import MetricsLog
+
+    return MetricsLog(run.run_dir / "metrics.jsonl").read() if run.ctx.is_main else []
+
+
+def run_ppo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
+    """Run PPO and write the run directory; returns the summary."""
+    return run_stage(PPOStage(cfg), stop_after=stop_after)

@@ -64,22 +64,25 @@ def prompt_seeds(cfg: Any, step: int, positions: list[int]) -> list[int]:
 
 
 class Engines:
-    """The rollout engine (and, when it samples a different copy, an fp32 one for the held-out accuracy)."""
+    """The rollout engine (and, when that samples a different copy, an fp32 one for the held-out accuracy).
 
-    def __init__(self, run: Any, cfg: Any, policy: Any):
-        sharded = run.model.sharded
-        # Under FSDP2 the trained module holds shards only: the engine samples from a whole copy.
-        self.rollout = make_engine(cfg.rollout_engine, policy, run.tokenizer, dtype=cfg.rollout_dtype, copy=sharded)
-        if sharded:
-            self.rollout.update_weights(run.model.full_state(trainable_only=False))
-        separate = cfg.rollout_engine == "hf" and cfg.rollout_dtype != "auto" and not sharded
-        self.eval = make_engine("hf", policy, run.tokenizer) if separate else self.rollout
-        self.run, self.policy = run, policy
+    Made in the stage's ``build``, before the model is wrapped: under FSDP2 the trained module will hold shards
+    only, so the engine samples from a whole copy taken now and refreshed from gathered weights."""
 
-    def refresh(self) -> None:
-        """After an update: the engine samples the new weights (gathered from shards under FSDP2)."""
-        source = self.run.model.full_state(trainable_only=False) if self.run.model.sharded else self.policy
-        self.rollout.update_weights(source)
+    def __init__(self, cfg: Any, policy: Any, tokenizer: Any, ctx: Any):
+        self.sharded = cfg.fsdp and ctx.distributed
+        self.rollout = make_engine(cfg.rollout_engine, policy, tokenizer, dtype=cfg.rollout_dtype, copy=self.sharded)
+        separate = cfg.rollout_engine == "hf" and cfg.rollout_dtype != "auto" and not self.sharded
+        self.eval = make_engine("hf", policy, tokenizer) if separate else self.rollout
+        self.policy = policy
+
+    def refresh(self, run: Any, prefix: str = "") -> None:
+        """The engine samples the current weights (after an update or a resume; gathered under FSDP2)."""
+        if self.sharded:
+            full = run.model.full_state(trainable_only=False)
+            self.rollout.update_weights({k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)})
+        else:
+            self.rollout.update_weights(self.policy)
 
 
 def heldout(engines: Engines, rows: list[dict], ctx: Any, max_new_tokens: int) -> dict[str, float]:
