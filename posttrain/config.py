@@ -205,6 +205,7 @@ class EvalConfig:
     token_budget: int = opt(0, "tree: generated tokens per question at most; 0 = n * keep * max_new_tokens")
     helper_model: str = opt("", "hybrid: the second model (same tokenizer)")
     helper_role: Literal["propose", "score"] = opt("propose", "hybrid: the helper proposes (main scores) or scores")
+    engine: Literal["hf", "vllm"] = opt("hf", "generation backend: hf (built-in) or vllm (GPU only; beam/tree need hf)")
     scaling: list[int] = opt([], "accuracy-vs-compute curve: run the strategy at each n (e.g. 1,2,4,8,16)")
     max_new_tokens: int = opt(96, "generation limit")
     limit: int = opt(0, "evaluate only the first N rows; 0 = all")

@@ -24,8 +24,9 @@ from typing import Any
 
 import yaml
 
-from posttrain.config import STAGE_CONFIGS, EvalConfig, build_config, coerce
+from posttrain.config import EvalConfig, build_config, coerce
 from posttrain.errors import ConfigError
+from posttrain.stages import STAGES
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 QUICKSTART = RECIPES / "quickstart.yaml"
@@ -91,13 +92,13 @@ def stage_config(
 
     values = {k: expand(v) for k, v in stage.items() if k not in ("name", "type", "use")}
     kind = stage.get("type", stage["name"])
-    if kind not in STAGE_CONFIGS or kind == "eval":
-        choices = ", ".join(k for k in STAGE_CONFIGS if k != "eval")
+    if kind not in STAGES:
+        choices = ", ".join(STAGES)
         raise ConfigError(f"stages[{index}].type: unknown stage type {kind!r} (choose one of {choices})")
     values.setdefault("out", str(out / stage["name"]))
     if previous_model is not None:
         values.setdefault("model", previous_model)
-    return kind, build_config(STAGE_CONFIGS[kind], values, path=f"stages[{index}]({stage['name']})")
+    return kind, build_config(STAGES[kind].config, values, path=f"stages[{index}]({stage['name']})")
 
 
 def suite_configs(recipe: dict[str, Any]) -> list[EvalConfig]:
@@ -175,8 +176,6 @@ def run_recipe(recipe: dict[str, Any], *, out: str | None = None, progress: bool
     """Run every stage, evaluate after each, write ``summary.json`` and ``report.html`` in the run directory."""
     from posttrain.models.loading import resolve
     from posttrain.report import print_stage_table, write_report
-    from posttrain.train.grpo import run_grpo
-    from posttrain.train.stage import run_lm_stage
 
     run_dir = Path(out or recipe.get("out") or "runs/recipe")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -201,24 +200,9 @@ def run_recipe(recipe: dict[str, Any], *, out: str | None = None, progress: bool
         else:
             kind, cfg = stage_config(stage, index=index, out=run_dir, previous_model=previous, artifacts=artifacts)
             cfg = replace(cfg, progress=progress and cfg.progress)
-            if kind == "grpo":
-                summary = run_grpo(cfg)
-            elif kind == "dpo":
-                from posttrain.train.dpo import run_dpo
-
-                summary = run_dpo(cfg)
-            elif kind == "rm":
-                from posttrain.train.rm import run_rm
-
-                summary = run_rm(cfg)
-            elif kind == "ppo":
-                from posttrain.train.ppo import run_ppo
-
-                summary = run_ppo(cfg)
-            else:
-                summary = run_lm_stage(cfg, stage=kind)
+            summary = STAGES[kind].run(cfg)
             artifacts[stage["name"]] = summary["final"]
-            if kind != "rm":  # a reward model is not the next policy: later stages refer to it as @NAME
+            if STAGES[kind].policy:  # a reward model is not the next policy: later stages refer to it as @NAME
                 previous = summary["final"]
             record = {
                 "name": stage["name"],

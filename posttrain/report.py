@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from posttrain.stages import STAGES
+
 COLUMNS = [
     ("accuracy", "strict acc"),
     ("accuracy_lenient", "lenient acc"),
@@ -106,30 +108,6 @@ def _read_metrics(run_dir: str | None) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
 
-STAGE_CURVES: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
-    "dpo": (
-        "implicit reward margin and preference accuracy",
-        [
-            ("margin", "reward margin (chosen - rejected, batch)", "-"),
-            ("accuracy", "preference accuracy (batch)", ":"),
-            ("eval_preference_accuracy", "held-out preference accuracy", "o-"),
-        ],
-    ),
-    "rm": (
-        "pair accuracy",
-        [("accuracy", "pair accuracy (batch)", ":"), ("eval_pair_accuracy", "held-out pair accuracy", "o-")],
-    ),
-    "ppo": (
-        "score, KL and accuracy",
-        [
-            ("score_mean", "score (reward function / model)", "-"),
-            ("kl", "KL to the reference (per sequence)", "--"),
-            ("accuracy_strict", "strict accuracy of samples", ":"),
-        ],
-    ),
-}
-
-
 def _curves_figure(plt: Any, stage: dict[str, Any], title: str, series: list[tuple[str, str, str]]) -> Any:
     """The stage's own metrics against steps (whatever of ``series`` its metrics.jsonl holds)."""
     metrics = _read_metrics(stage["run_dir"])
@@ -139,35 +117,15 @@ def _curves_figure(plt: Any, stage: dict[str, Any], title: str, series: list[tup
         if points:
             ax.plot(*zip(*points), style, label=label)
     ax.set_xlabel("step")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    ax.set_title(f"{stage['name']}: {title}")
-    return fig
-
-
-def _rl_figure(plt: Any, stage: dict[str, Any]) -> Any:
-    """Reward (sampled completions) and held-out greedy accuracy against steps; completion length on the right."""
-    metrics = _read_metrics(stage["run_dir"])
-    fig, ax = plt.subplots(figsize=(7, 3.4))
-    series = [
-        ("reward_mean", "reward (mean of sampled completions)", "-"),
-        ("accuracy_strict", "strict accuracy of sampled completions", ":"),
-        ("eval_accuracy_strict", "held-out strict accuracy (greedy, val split)", "o-"),
-    ]
-    for key, label, style in series:
-        points = [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), style, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylim(-0.02, 1.02)
     lengths = [(m["step"], m["completion_length"]) for m in metrics if m.get("completion_length") is not None]
-    if lengths:
+    if lengths:  # RL stages: how long the samples are, on the right axis
         right = ax.twinx()
         right.plot(*zip(*lengths), color="grey", alpha=0.6, label="completion length (tokens)")
         right.set_ylabel("tokens")
         right.legend(loc="lower right", fontsize=8)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.12, 1.0), fontsize=8)
-    ax.set_title(f"{stage['name']}: reward and accuracy")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.12 if lengths else 1.0, 1.0), fontsize=8)
+    ax.set_title(f"{stage['name']}: {title}")
     return fig
 
 
@@ -200,10 +158,9 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
         images.append(("Loss curves", _png(fig)))
         plt.close(fig)
     for s in trained:
-        if s.get("type") == "grpo":
-            images.append((f"{html.escape(s['name'])}: reward and accuracy against steps", _png(_rl_figure(plt, s))))
-        elif s.get("type") in STAGE_CURVES:
-            title, series = STAGE_CURVES[s["type"]]
+        info = STAGES.get(s.get("type", ""))
+        if info is not None and info.curves:
+            title, series = info.curves
             images.append((f"{html.escape(s['name'])}: {title}", _png(_curves_figure(plt, s, title, series))))
         plt.close("all")
     fig, ax = plt.subplots(figsize=(6, 3.2))

@@ -125,7 +125,7 @@ def test_all_rows_too_long_is_an_error(tmp_path, capsys):
         (["--max-steps", "many"], "--max-steps: expected an integer, got 'many'"),
         (["--set", "lr=fast"], "--set lr: expected a number"),
         (["--model", "/no/such/dir"], "/no/such/dir: no such model directory"),
-        (["--batch-size", "3", "--grad-accum", "2"], "batch_size: 3 sequences cannot be split"),
+        (["--batch-size", "3", "--grad-accum", "2"], "sft.batch_size: 3 rows cannot be split"),
     ],
 )
 def test_user_errors_are_one_clear_line(tmp_path, capsys, argv, words):

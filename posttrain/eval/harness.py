@@ -89,6 +89,7 @@ def search_spec(cfg: Any, n: int) -> Any:
         helper_role=cfg.helper_role,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
+        engine=cfg.engine,
     )
 
 
@@ -158,6 +159,7 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: Any, *, helper: Any = None) 
         top_p=cfg.top_p,
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,
+        engine=cfg.engine,
     )
     samples, new_tokens = generations.texts, generations.new_tokens
     strict = [[score(s, r["answer"])[0] for s in group] for group, r in zip(samples, rows)]

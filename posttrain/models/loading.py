@@ -126,4 +126,3 @@ def save_model_dir(model: Any, tokenizer: Any, out: Path, *, state_dict: dict | 
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-

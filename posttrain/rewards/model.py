@@ -20,14 +20,18 @@ from posttrain.models.loading import load_tokenizer, resolve
 from posttrain.models.varlen import packed_attention
 
 
-def load_reward_model(spec: str, *, dtype: str = "float32") -> tuple[Any, Any]:
+def load_reward_model(spec: str, *, dtype: str = "float32", trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(sequence-classification model with one label, tokenizer) for a causal-LM or reward-model directory."""
     from transformers import AutoModelForSequenceClassification
 
     path = resolve(spec)
-    tokenizer = load_tokenizer(spec)
+    tokenizer = load_tokenizer(spec, trust_remote_code=trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=getattr(torch, dtype), pad_token_id=tokenizer.pad_token_id
+        path,
+        num_labels=1,
+        dtype=getattr(torch, dtype),
+        pad_token_id=tokenizer.pad_token_id,
+        trust_remote_code=trust_remote_code,
     )
     return model, tokenizer
 

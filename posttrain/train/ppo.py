@@ -72,6 +72,7 @@ def logps_and_values(
     """(b, T) log-probs of the sampled tokens and (b, T) values of the states that chose them."""
     logps, hidden = completion_logps(pv.policy, rollouts, temperature=temperature, rows=rows, return_hidden=True)
     flat = pv.value_head(hidden.to(pv.value_head.weight.dtype)).squeeze(-1).float()
+    logps = logps.float()
     values = torch.zeros_like(logps).masked_scatter(rollouts.mask[rows], flat)
     return logps, values
 
@@ -126,7 +127,7 @@ class PPOStage(Stage):
         b, mask = len(rollouts.texts), rollouts.mask
         everyone = list(range(b))
         pv = run.model.module
-        with torch.no_grad():
+        with torch.no_grad(), run.amp():
             old_logps, old_values = run.model.forward(logps_and_values, rollouts, everyone, cfg.temperature)
             kl_tokens = torch.zeros_like(old_logps)
             if cfg.kl_coef > 0:
@@ -200,7 +201,8 @@ class PPOStage(Stage):
                 weight = 1.0 if mb else 0.0
                 mb = mb or [0]  # a stand-in row: every rank runs the same forwards
                 m = mask[mb]
-                logps, values = run.model.forward(logps_and_values, rollouts, mb, cfg.temperature)
+                with run.amp():
+                    logps, values = run.model.forward(logps_and_values, rollouts, mb, cfg.temperature)
                 (kl_part,) = ctx.sum(float(((old_logps[mb] - logps.detach()) * m).sum()) * weight)
                 approx_kl = kl_part / n_tok
                 if updates and kl_exceeds(approx_kl, cfg.trust_region_kl):

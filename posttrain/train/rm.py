@@ -62,7 +62,7 @@ class RMStage(Stage):
     def build(self, ctx: DistContext) -> tuple[Any, Any]:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        model, tokenizer = load_reward_model(cfg.model, dtype=cfg.dtype)
+        model, tokenizer = load_reward_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
         self.pairs, self.margins, self.counts = encode_pairs(cfg.data, tokenizer, cfg)
         source = cfg.eval_data or default_eval_data(cfg.data)
         self.eval_pairs = encode_pairs(source, tokenizer, cfg)[0] if source else []
