@@ -86,10 +86,10 @@ def test_dynamic_sampling_trains_only_on_varied_groups(tmp_path):
 
 
 def test_held_out_accuracy_is_logged_before_every_n_steps_and_after_the_last(tmp_path):
+    from posttrain.eval.harness import heldout_accuracy as held_out_accuracy
     from posttrain.models.loading import load_model
     from posttrain.rollout import HFEngine
     from posttrain.tasks import get_task
-    from posttrain.eval.harness import heldout_accuracy as held_out_accuracy
 
     # The base copies text in capitals well and adds badly: uppercase rows give a non-trivial accuracy to check.
     run_grpo(cfg(tmp_path, eval_every=3, eval_limit=6, eval_data="task:uppercase:val"))
