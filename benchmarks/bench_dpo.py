@@ -4,12 +4,13 @@
     python benchmarks/bench_dpo.py --model tiny --steps 4 --repeats 1 --no-write
 
 Both sides fp32, AdamW, lr 1e-6 cosine, clip 1.0, beta 0.1, sigmoid (DPO) loss, the generated arithmetic
-preference pairs (``task:arithmetic_prefs``) truncated to 128 tokens. Timed: wall time between optimiser steps
-after the warm-up (ours: the trainer's ``step_s``; TRL: between ``on_step_end`` callbacks). Not timed: model
-build, tokenisation, our one-off reference pass over the visited rows (TRL's ``precompute_ref_log_probs`` pass
-likewise, when on). TRL runs in its default mode (a reference model forward every step) and with
-``precompute_ref_log_probs=True``. MFU counts 6N per trained token (the policy's forward and backward) on both
-sides, against the fp32 matmul peak measured in the same rounds; tokens are the real (non-padding) tokens.
+preference pairs (``task:arithmetic_prefs``) truncated to 128 tokens. Timed: wall time of an optimiser step
+after the warm-up (ours: the training scaffold's ``step_s`` in metrics.jsonl; TRL: between ``on_step_end``
+callbacks). Not timed: model build, tokenisation, our one-off reference pass over the visited rows (TRL's
+``precompute_ref_log_probs`` pass likewise, when on), our end of run (last checkpoint, ``final/`` model). TRL
+runs in its default mode (a reference model forward every step) and with ``precompute_ref_log_probs=True``. MFU
+counts 6N per trained token (the policy's forward and backward) on both sides, against the fp32 matmul peak
+measured in the same rounds; tokens are the real (non-padding) tokens.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
                 "lr": 1e-6,
                 "max_steps": spec["warmup"] + spec["steps"],
                 "log_every": 1,
+                # The pairs are a plain file, so there are no held-out rows: no end-of-run evaluation.
+                "eval_every": 0,
                 "progress": False,
                 "threads": spec["threads"],
                 "seed": 0,
@@ -94,8 +97,10 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
         meter = LoadMeter().start()
         run_dpo(cfg)
         load = meter.stop()
-        records = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step_s"] for r in records if "step_s" in r]
+        lines = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
+    # One record per step (log_every=1); step_s covers the stage's step and the scheduler step only.
+    records = [r for r in map(json.loads, lines) if "step_s" in r]
+    steps = [r["step_s"] for r in records]
     return {
         "step_s": statistics.median(steps[spec["warmup"] :]),
         "all_step_s": steps,
@@ -202,6 +207,7 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--skip-trl", action="store_true", help="time ours only (no TRL installed)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -209,7 +215,7 @@ def main() -> None:
         print(RESULT_TAG + json.dumps(WORKERS[spec["side"]](spec)), flush=True)
         return
     base = {k: getattr(args, k) for k in ("model", "batch_size", "max_length", "steps", "warmup", "threads")}
-    sides = ["matmul", "ours", "trl", "trl_precompute"]
+    sides = ["matmul", "ours"] + ([] if args.skip_trl else ["trl", "trl_precompute"])
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
     started = datetime.datetime.now(datetime.timezone.utc)
     for repeat in range(args.repeats):
@@ -235,6 +241,8 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     for side, label in LABELS.items():
+        if side not in runs:
+            continue
         r0 = runs[side][0]
         tokens = r0["pair_tokens"] * args.batch_size
         mfu = 6 * r0["params"] * tokens / med[side] / peak
@@ -243,12 +251,13 @@ def main() -> None:
             f"| {label} | {med[side]:.3f} | {args.batch_size / med[side]:.1f} | {100 * mfu:.1f}% | {rss:,.0f} | "
             f"{r0['first_loss']:.4f} |"
         )
-    lines += [
-        "",
-        f"Ratios (TRL step time / ours): default **{med['trl'] / med['ours']:.2f}x**, precomputed reference "
-        f"**{med['trl_precompute'] / med['ours']:.2f}x**. Mean real tokens per pair: "
-        f"{runs['ours'][0]['pair_tokens']:.0f}.",
-    ]
+    ratios = (
+        ""
+        if args.skip_trl
+        else f"Ratios (TRL step time / ours): default **{med['trl'] / med['ours']:.2f}x**, precomputed reference "
+        f"**{med['trl_precompute'] / med['ours']:.2f}x**. "
+    )
+    lines += ["", f"{ratios}Mean real tokens per pair: {runs['ours'][0]['pair_tokens']:.0f}."]
     print("\n".join(lines))
     if not args.no_write:
         with open(args.out, "a") as f:

@@ -11,7 +11,8 @@ learning rate and loss normalisation (DAPO token mean).
 
 What is timed:
 - GRPO step: wall time of one whole optimiser step (generation, reward, advantages, forward/backward, optimiser
-  step, logging). Ours: the trainer's own ``step_s``; TRL: between ``on_step_end`` callbacks. The phase split
+  step). Ours: the training scaffold's own ``step_s`` (metrics.jsonl; the end-of-run checkpoint and ``final/``
+  save are outside every step); TRL: between ``on_step_end`` callbacks (its per-step logging inside). The phase split
   (generate / reward / update = the rest) comes from the trainers' own timers (ours) or wrapped methods (TRL's
   ``_generate`` and ``_calculate_rewards``).
 - Rollout: tokens/s of 1 prompt x 8 samples x 64 new tokens: ``HFEngine.generate`` (prefill once, KV cache
@@ -114,6 +115,8 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
                 "lr": spec["lr"],
                 "max_steps": spec["warmup"] + spec["steps"],
                 "log_every": 1,
+                # The prompts are a plain file, so there are no held-out rows: no end-of-run greedy evaluation.
+                "eval_every": 0,
                 "progress": False,
                 "threads": spec["threads"],
                 "seed": 0,
@@ -123,7 +126,10 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
         meter = LoadMeter().start()
         run_grpo(cfg)
         load = meter.stop()
-        records = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        lines = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
+    # One record per step (log_every=1); step_s is the scaffold's clock around the stage's step (generation,
+    # reward, update, engine refresh) and the scheduler step. The end of run (checkpoint, final/) is outside it.
+    records = [r for r in map(json.loads, lines) if "step_s" in r]
     timed = records[spec["warmup"] :]
     prompt_tokens = _prompt_tokens(tok, rows)
     return {

@@ -1,4 +1,4 @@
-"""SFT training speed: posttrain's loop vs TRL's ``SFTTrainer`` on the same model, rows, batch and lengths.
+"""SFT training speed: posttrain's SFT vs TRL's ``SFTTrainer`` on the same model, rows, batch and lengths.
 
     python benchmarks/bench_sft.py                       # small model, 3 warm-up + 12 timed steps, 3 repeats
     python benchmarks/bench_sft.py --model tiny --steps 5 --repeats 1 --no-write    # a quick check
@@ -9,9 +9,11 @@ subprocess, so peak RSS is that configuration's own; the repeats are interleaved
 both sides share the machine's background noise. The fp32 matmul peak (the MFU denominator) is measured in the
 same rounds, also in its own subprocess.
 
-What is timed: the wall time from the end of one optimiser step to the end of the next, i.e. batch sampling and
-collation, forward, loss, backward, clipping, optimiser and scheduler step and per-step logging. The first
-``--warmup`` steps, tokenisation, model build, trainer construction and our end-of-run checkpoint are not timed.
+What is timed: one optimiser step, i.e. batch sampling and collation, forward, loss, backward, clipping,
+optimiser and scheduler step. Ours: the training scaffold's own per-step clock (``step_s`` in metrics.jsonl, from
+before the batch is drawn to after the scheduler step; writing the step's metrics line is outside it); TRL: from one
+``on_step_end`` callback to the next (its per-step logging inside). The first ``--warmup`` steps, tokenisation,
+model build, trainer construction and our end of run (last checkpoint, ``final/`` model, summary) are not timed.
 Tokens are processed (non-padding) tokens: ours packs sequences without padding; TRL (default collator) pads each
 batch to its longest sequence, and its padding is computed but not counted.
 
@@ -99,10 +101,8 @@ def _timed_steps(step_times: list[float], step_tokens: list[int], warmup: int) -
 def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    import posttrain.train.loop as loop
-    from posttrain.config import SFTConfig, build_config
+    import posttrain.train.scaffold as scaffold
     from posttrain.data.prepare import prepare_examples
-    from posttrain.train.metrics import MetricsLog
 
     tok, model, rows, counts = _setup(spec)
     t0 = time.perf_counter()
@@ -112,37 +112,22 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     prep_s = time.perf_counter() - t0
     seqs = [(e.input_ids, e.loss_mask) for e in data.examples]
 
-    # Record the peak RSS reached by the training steps, before the end-of-run checkpoint serialises weights.
+    # Record the peak RSS reached by the training steps, before the end-of-run checkpoint (the scaffold's first
+    # save with save_every=0; the final/ model is written after it) serialises weights.
     at_save: dict[str, float] = {}
-    real_save = loop.save_checkpoint
+    real_save = scaffold.save
 
     def save_spy(*args: Any, **kwargs: Any) -> Any:
         at_save.setdefault("peak_rss_mib", peak_rss_mib())
         return real_save(*args, **kwargs)
 
-    loop.save_checkpoint = save_spy
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = build_config(
-            SFTConfig,
-            {
-                "out": tmp,
-                "max_steps": spec["warmup"] + spec["steps"],
-                "batch_size": spec["batch_size"],
-                "lr": spec["lr"],
-                "log_every": 1,
-                "progress": False,
-                "save_every": 0,
-                "threads": spec["threads"],
-                "seed": 0,
-                "max_length": spec["max_length"],
-            },
-            path="sft",
-        )
-        rss0, meter = rss_mib(), LoadMeter().start()
-        loop.train(model, data.examples, cfg, Path(tmp))
-        load = meter.stop()
-        records = [r for r in MetricsLog(Path(tmp) / "metrics.jsonl").read() if "tokens_per_s" in r]
-    # Each record covers one step (log_every=1): its window's tokens divided by its window's tokens/s.
+    scaffold.save = save_spy
+    try:
+        records, load, rss0 = _train_ours(spec, model, data.examples)
+    finally:
+        scaffold.save = real_save
+    # Each record covers one step (log_every=1) and carries the scaffold's own step clock: the step's tokens over
+    # its tokens/s is its step_s unrounded. The end of run (checkpoint, final/, summary) is outside every step.
     step_tokens, step_times, prev = [], [], 0
     for r in records:
         step_tokens.append(r["tokens"] - prev)
@@ -160,6 +145,45 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
         "fingerprint": _fingerprint(seqs),
         "final_loss": records[-1]["loss"],
     }
+
+
+def _sft_config(spec: dict[str, Any], out: str, max_steps: int) -> Any:
+    """Our config for the benchmark: CPU (as TRL's ``use_cpu=True``), no eval, no mid-run checkpoints."""
+    from posttrain.config import SFTConfig, build_config
+
+    return build_config(
+        SFTConfig,
+        {
+            "out": out,
+            "max_steps": max_steps,
+            "batch_size": spec["batch_size"],
+            "lr": spec["lr"],
+            "log_every": 1,
+            "eval_every": 0,
+            "progress": False,
+            "save_every": 0,
+            "threads": spec["threads"],
+            "device": "cpu",
+            "seed": 0,
+            "max_length": spec["max_length"],
+        },
+        path="sft",
+    )
+
+
+def _train_ours(spec: dict[str, Any], model: Any, examples: list) -> tuple[list[dict], dict[str, Any], float]:
+    """Train with ``posttrain.train.sft.train`` (looked up at call time, so ``--profile`` can wrap it); returns
+    the per-step metrics records, the background load during training and the RSS before it."""
+    import posttrain.train.sft as sft
+    from posttrain.train.metrics import MetricsLog
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _sft_config(spec, tmp, spec["warmup"] + spec["steps"])
+        rss0, meter = rss_mib(), LoadMeter().start()
+        sft.train(model, examples, cfg, Path(tmp))
+        load = meter.stop()
+        records = [r for r in MetricsLog(Path(tmp) / "metrics.jsonl").read() if "tokens_per_s" in r]
+    return records, load, rss0
 
 
 def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
@@ -266,10 +290,12 @@ WORKERS = {"ours": run_ours, "trl": run_trl, "matmul": run_matmul}
 
 def run_ours_profile(spec: dict[str, Any]) -> dict[str, Any]:
     """Phase split of our step (pack / forward+loss / backward / clip / optimiser / rest) from timers wrapped
-    around the loop's own calls, then the top ops of a few steps under ``torch.profiler``."""
+    around the calls the SFT step makes (``posttrain.train.sft.pack``, the loss function handed to
+    ``posttrain.train.sft.train``, ``Tensor.backward``, ``clip_grad_norm_`` in ``Run.update``, ``AdamW.step``),
+    as shares of the scaffold's ``step_s``; then the top ops of a few steps under ``torch.profiler``."""
     import torch
 
-    import posttrain.train.loop as loop
+    import posttrain.train.sft as sft
 
     step = [0]
     phases: dict[str, float] = {}
@@ -285,8 +311,8 @@ def run_ours_profile(spec: dict[str, Any]) -> dict[str, Any]:
 
         return wrapper
 
-    saved = (loop.pack, loop.train, torch.Tensor.backward, torch.nn.utils.clip_grad_norm_, torch.optim.AdamW.step)
-    loop.pack = timed("pack", loop.pack)
+    saved = (sft.pack, sft.train, torch.Tensor.backward, torch.nn.utils.clip_grad_norm_, torch.optim.AdamW.step)
+    sft.pack = timed("pack", sft.pack)
     torch.Tensor.backward = timed("backward", torch.Tensor.backward)
     torch.nn.utils.clip_grad_norm_ = timed("clip_grad_norm", torch.nn.utils.clip_grad_norm_)
     real_step = torch.optim.AdamW.step
@@ -298,15 +324,16 @@ def run_ours_profile(spec: dict[str, Any]) -> dict[str, Any]:
             step[0] += 1
 
     torch.optim.AdamW.step = counted_step
-    # train() takes its loss function as an argument; its default is packed_token_losses.
-    loop.train = lambda *a, **k: saved[1](*a, **k, loss_fn=timed("forward+loss", loop.packed_token_losses))
+    # train() takes its loss function as an argument (run through run.model.forward); its default is
+    # packed_token_losses.
+    sft.train = lambda *a, **k: saved[1](*a, **k, loss_fn=timed("forward+loss", sft.packed_token_losses))
     try:
         result = run_ours(spec)
     finally:
-        loop.pack, loop.train, torch.Tensor.backward, torch.nn.utils.clip_grad_norm_, torch.optim.AdamW.step = saved
+        sft.pack, sft.train, torch.Tensor.backward, torch.nn.utils.clip_grad_norm_, torch.optim.AdamW.step = saved
     timed_total = sum(result["all_step_s"][spec["warmup"] :])
     split = {k: v / timed_total for k, v in phases.items()}
-    split["rest (sampling, metrics, scheduler, zero_grad)"] = max(1 - sum(split.values()), 0.0)
+    split["rest (sampling, loss reduction, scheduler, zero_grad)"] = max(1 - sum(split.values()), 0.0)
     result.update(phase_share=split, top_ops=_top_ops(spec))
     return result
 
@@ -316,8 +343,7 @@ def _top_ops(spec: dict[str, Any]) -> str:
     from torch.optim.optimizer import register_optimizer_step_post_hook
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    import posttrain.train.loop as loop
-    from posttrain.config import SFTConfig, build_config
+    import posttrain.train.sft as sft
     from posttrain.data.prepare import prepare_examples
 
     tok, model, rows, _ = _setup(spec)
@@ -335,22 +361,8 @@ def _top_ops(spec: dict[str, Any]) -> str:
         ) as prof,
     ):
         handle = register_optimizer_step_post_hook(lambda *a: prof.step())
-        cfg = build_config(
-            SFTConfig,
-            {
-                "out": tmp,
-                "max_steps": 5,
-                "batch_size": spec["batch_size"],
-                "lr": spec["lr"],
-                "log_every": 1,
-                "progress": False,
-                "threads": spec["threads"],
-                "max_length": spec["max_length"],
-            },
-            path="sft",
-        )
         try:
-            loop.train(model, data.examples, cfg, Path(tmp))
+            sft.train(model, data.examples, _sft_config(spec, tmp, 5), Path(tmp))
         finally:
             handle.remove()
     return tables[0] if tables else "(profiler collected nothing)"
@@ -521,11 +533,12 @@ def markdown_section(
         f" `{extra.get('trl_optim', 'n/a')}`. Ours: packed, padding-free, per-sequence attention, AdamW fused.",
         f"- Timed: {args.warmup} warm-up steps excluded, then {args.steps} steps per run, runs per"
         f" configuration: {args.repeats}, each run a fresh subprocess, interleaved with rotated order. Step time ="
-        " end of one optimiser step to the end of the next (sampling, collation, forward, loss, backward, clip,"
-        " optimiser, scheduler, per-step logging); tokenisation, model build, trainer construction and our"
-        " end-of-run checkpoint are excluded. Tokens = processed (non-padding) tokens; a run's tokens/s is its"
-        " timed steps' tokens over their total time (both sides train on the same sequences in the same steps)."
-        " Medians over runs.",
+        " one optimiser step (sampling, collation, forward, loss, backward, clip, optimiser, scheduler) — ours:"
+        " the scaffold's own `step_s` clock (its metrics line written outside it); TRL: `on_step_end` to"
+        " `on_step_end` (its per-step logging inside); tokenisation, model build, trainer construction and our"
+        " end of run (last checkpoint, `final/` model, summary) are excluded. Tokens = processed (non-padding)"
+        " tokens; a run's tokens/s is its timed steps' tokens over their total time (both sides train on the same"
+        " sequences in the same steps). Medians over runs.",
         f"- fp32 matmul peak ({args.matmul_size}x{args.matmul_size} GEMM, threads: {info['threads']}; median over"
         f" {len(peak['runs'])} rounds of each round's median of 10): **{peak['flops'] / 1e9:.1f} GFLOP/s**"
         f" (min {min(peak['runs']) / 1e9:.1f}, max {max(peak['runs']) / 1e9:.1f}).",
