@@ -1,4 +1,4 @@
-"""The training loop: exact accumulation, packed == padded, exact resume, non-finite steps, LoRA."""
+"""The scaffold on the SFT stage: exact accumulation, packed == padded, exact resume, non-finite steps, LoRA."""
 
 from __future__ import annotations
 

@@ -272,6 +272,7 @@ class HFEngine:
             if len(seed) != len(prompts):
                 raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts")
             gens = [torch.Generator(device=device).manual_seed(s) for s in seed]
+            generator_rows: list[int] = []
         else:
             generator = torch.Generator(device=device).manual_seed(seed)
         eos = tok.eos_token_id
@@ -283,8 +284,9 @@ class HFEngine:
         positions = attn.sum(-1)
         for t in range(params.max_new_tokens):
             banned = eos if t < params.min_new_tokens else None
-            if per_prompt:  # rows of the same prompt, by their place among the active rows
-                owners = [prompt_index[r] for r in active.tolist()]
+            if per_prompt and (t == 0 or len(generator_rows) != len(active)):  # recomputed when rows finish
+                generator_rows = active.tolist()
+                owners = [prompt_index[r] for r in generator_rows]
                 groups: dict[int, list[int]] = {}
                 for place, owner in enumerate(owners):
                     groups.setdefault(owner, []).append(place)
