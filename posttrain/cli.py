@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 import typing
 from collections.abc import Sequence
 from typing import Any
@@ -238,6 +239,11 @@ def _fail(command: str, message: str, status: int) -> int:
     if report_error_once(message):
         where = f" (rank {_rank()} of {_world()})" if _world() > 1 else ""
         print(f"posttrain {command}: error{where}: {message}", file=sys.stderr, flush=True)
+        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if error_file:  # torchrun's failure summary then shows this message as the root cause
+            record = {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}
+            with open(error_file, "w") as f:
+                json.dump({"message": record}, f)
     if _world() > 1:
         # Peers may be blocked in a collective that will never complete: leave now, torchrun stops the rest.
         sys.stderr.flush()

@@ -237,3 +237,20 @@ def test_resolved_config_records_the_world_and_every_field(tmp_path):
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["stage"] == "sft" and saved["world_size"] == 1
     assert set(saved) - {"stage", "world_size"} == {f.name for f in dataclasses.fields(SFTConfig)}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without CUDA gives")
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["sft", "--device", "cuda"], "device: 'cuda' asked for, but torch sees no CUDA device"),
+        (["grpo", "--rollout-engine", "vllm"], "rollout_engine: vllm cannot run here: it needs an NVIDIA GPU"),
+        (["rm", "--device", "tpu"], "device: "),
+    ],
+)
+def test_device_and_engine_errors_are_one_clear_line(tmp_path, capsys, argv, words):
+    from posttrain.cli import main
+
+    code = main([*argv, "--out", str(tmp_path), "--max-steps", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "Traceback" not in err, err
