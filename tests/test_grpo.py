@@ -71,7 +71,7 @@ def test_kl_is_zero_before_the_first_update_and_grows_after(tmp_path, lora_rank)
 
 
 def test_reference_only_when_needed(tmp_path, tiny_model):
-    from posttrain.train.grpo import make_reference
+    from posttrain.train.rl import make_reference
 
     assert make_reference(tiny_model, cfg(tmp_path)) is None  # kl_coef 0: no reference at all
     assert make_reference(tiny_model, cfg(tmp_path, kl_coef=0.1, lora_rank=4)) is None  # adapters off instead

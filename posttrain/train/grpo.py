@@ -18,42 +18,30 @@ import torch
 from posttrain.advantages import ESTIMATORS, varied_groups
 from posttrain.data.encode import render_prompt
 from posttrain.distributed import DistContext
-from posttrain.errors import ConfigError
 from posttrain.losses.kl import KL_ESTIMATORS
 from posttrain.losses.policy import POLICY_LOSSES
 from posttrain.losses.reduce import masked_sum
-from posttrain.rewards import parse_rewards, score_completions
+from posttrain.rewards import score_completions
 from posttrain.rewards.shaping import overlong_penalty
 from posttrain.rollout import SamplingParams
 from posttrain.rollout.scoring import completion_logps
-from posttrain.train.policy import model_for_training
 from posttrain.train.rl import (
-    Engines,
-    heldout,
-    heldout_rows,
-    make_reference,
+    RLStage,
     ordered,
-    prompt_rows,
     prompt_seeds,
     sampled_accuracy,
 )
-from posttrain.train.scaffold import Run, Stage, run_stage
+from posttrain.train.scaffold import Run, run_stage
 
 
-class GRPOStage(Stage):
+class GRPOStage(RLStage):
     """Group-relative policy optimisation; see module docstring."""
 
     name = "grpo"
 
     def build(self, ctx: DistContext) -> tuple[Any, Any]:
         cfg = self.cfg
-        if cfg.batch_prompts % ctx.world:
-            raise ConfigError(f"grpo.batch_prompts: {cfg.batch_prompts} prompts cannot be split over {ctx.world} ranks")
-        self.specs = parse_rewards(cfg.reward, cfg.reward_weights)
-        model, tokenizer = model_for_training(cfg, ctx.device)
-        self.rows, self.dropped = prompt_rows(cfg, tokenizer, "grpo")
-        self.eval_rows = heldout_rows(cfg, "grpo")
-        self.reference = make_reference(model, cfg)
+        model, tokenizer = self.build_policy(ctx)
         self.policy = POLICY_LOSSES[cfg.loss]
         name = ("dr_grpo" if cfg.loss == "dr_grpo" else "grpo") if cfg.advantage == "auto" else cfg.advantage
         self.estimator = ESTIMATORS[name]
@@ -66,11 +54,7 @@ class GRPOStage(Stage):
             min_new_tokens=cfg.min_new_tokens,
         )
         self.reward_failures = 0
-        self.engines = Engines(cfg, model, tokenizer, ctx)
         return model, tokenizer
-
-    def rows_per_step(self) -> tuple[int, int]:
-        return len(self.rows), self.cfg.batch_prompts
 
     def prepare(self, run: Run) -> None:
         self.engines.refresh(run)  # a resumed run's weights
@@ -204,9 +188,6 @@ class GRPOStage(Stage):
         record["logp_diff_max"] = float(ctx.all_reduce(gap.reshape(1).clone(), op="max"))
         times["update_s"] = time.perf_counter() - t
         return record
-
-    def evaluate(self, run: Run) -> dict[str, float]:
-        return heldout(self.engines, self.eval_rows, run.ctx, self.cfg.max_new_tokens)
 
     def summary(self, run: Run) -> dict[str, Any]:
         return {

@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 
 from posttrain.data.encode import render_prompt
 from posttrain.distributed import DistContext
-from posttrain.errors import ConfigError
 from posttrain.losses.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -33,21 +32,16 @@ from posttrain.losses.ppo import (
 )
 from posttrain.losses.reduce import masked_sum
 from posttrain.models.loading import save_model_dir
-from posttrain.rewards import parse_rewards, score_completions
+from posttrain.rewards import score_completions
 from posttrain.rollout import SamplingParams
 from posttrain.rollout.scoring import completion_logps
-from posttrain.train.policy import model_for_training
 from posttrain.train.rl import (
-    Engines,
-    heldout,
-    heldout_rows,
-    make_reference,
+    RLStage,
     ordered,
-    prompt_rows,
     prompt_seeds,
     sampled_accuracy,
 )
-from posttrain.train.scaffold import Run, Stage, run_stage
+from posttrain.train.scaffold import Run, run_stage
 
 
 class PolicyWithValue(torch.nn.Module):
@@ -77,21 +71,14 @@ def logps_and_values(
     return logps, values
 
 
-class PPOStage(Stage):
+class PPOStage(RLStage):
     """PPO with a value head; see module docstring."""
 
     name = "ppo"
 
     def build(self, ctx: DistContext) -> tuple[Any, Any]:
         cfg = self.cfg
-        if cfg.batch_prompts % ctx.world:
-            raise ConfigError(f"ppo.batch_prompts: {cfg.batch_prompts} prompts cannot be split over {ctx.world} ranks")
-        self.specs = parse_rewards(cfg.reward, cfg.reward_weights)
-        policy, tokenizer = model_for_training(cfg, ctx.device)
-        self.rows, self.dropped = prompt_rows(cfg, tokenizer, "ppo")
-        self.eval_rows = heldout_rows(cfg, "ppo")
-        self.reference = make_reference(policy, cfg)
-        self.engines = Engines(cfg, policy, tokenizer, ctx)
+        policy, tokenizer = self.build_policy(ctx)
         self.controller: Any = (
             AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
             if cfg.kl_controller == "adaptive"
@@ -101,9 +88,6 @@ class PPOStage(Stage):
             n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens
         )
         return PolicyWithValue(policy, _hidden_size(policy)), tokenizer
-
-    def rows_per_step(self) -> tuple[int, int]:
-        return len(self.rows), self.cfg.batch_prompts
 
     def prepare(self, run: Run) -> None:
         self.engines.refresh(run, prefix="policy.")
@@ -225,9 +209,6 @@ class PPOStage(Stage):
             if stopped:
                 break
         return totals, updates, stopped, finite
-
-    def evaluate(self, run: Run) -> dict[str, float]:
-        return heldout(self.engines, self.eval_rows, run.ctx, self.cfg.max_new_tokens)
 
     def save_final(self, run: Run, path: Any) -> None:
         full = run.final_state()

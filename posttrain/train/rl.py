@@ -16,8 +16,11 @@ from posttrain.data.encode import render_prompt
 from posttrain.data.rows import load_rows, validate_rows
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval.harness import heldout_accuracy
+from posttrain.rewards import parse_rewards
 from posttrain.rewards.verify import score_answer
 from posttrain.rollout.factory import make_engine
+from posttrain.train.policy import model_for_training
+from posttrain.train.scaffold import Stage
 
 
 def prompt_rows(cfg: Any, tokenizer: Any, stage: str) -> tuple[list[dict], int]:
@@ -112,3 +115,30 @@ def ordered(ctx: Any, local: torch.Tensor) -> torch.Tensor:
     n = local.shape[0]
     order = [(p % ctx.world) * n + p // ctx.world for p in range(n * ctx.world)]
     return gathered[order]
+
+
+class RLStage(Stage):
+    """What GRPO and PPO set up alike: reward functions, the policy, prompt and held-out rows, the KL reference
+    and the rollout engines (all before any wrapping); the held-out greedy accuracy as evaluation."""
+
+    def build_policy(self, ctx: Any) -> tuple[Any, Any]:
+        """(policy, tokenizer) with ``specs``, ``rows``, ``dropped``, ``eval_rows``, ``reference`` and ``engines``
+        set on the stage."""
+        cfg = self.cfg
+        if cfg.batch_prompts % ctx.world:
+            raise ConfigError(
+                f"{self.name}.batch_prompts: {cfg.batch_prompts} prompts cannot be split over {ctx.world} ranks"
+            )
+        self.specs = parse_rewards(cfg.reward, cfg.reward_weights)
+        policy, tokenizer = model_for_training(cfg, ctx.device)
+        self.rows, self.dropped = prompt_rows(cfg, tokenizer, self.name)
+        self.eval_rows = heldout_rows(cfg, self.name)
+        self.reference = make_reference(policy, cfg)
+        self.engines = Engines(cfg, policy, tokenizer, ctx)
+        return policy, tokenizer
+
+    def rows_per_step(self) -> tuple[int, int]:
+        return len(self.rows), self.cfg.batch_prompts
+
+    def evaluate(self, run: Any) -> dict[str, float]:
+        return heldout(self.engines, self.eval_rows, run.ctx, self.cfg.max_new_tokens)
