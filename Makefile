@@ -36,6 +36,7 @@ bench: $(VENV)/.base
 	$(PY) benchmarks/bench_grpo.py --precision bf16
 	$(PY) benchmarks/bench_search.py
 	$(PY) benchmarks/bench_dpo.py
+	$(PY) benchmarks/bench_ddp.py
 
 clean:
 	rm -rf $(VENV) runs

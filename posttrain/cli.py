@@ -217,8 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"posttrain {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        if _world() > 1 and type(err).__name__ in ("DistBackendError", "DistNetworkError", "RuntimeError"):
-            # A peer died (its own error is reported by itself) and a collective failed here: no traceback.
+        from posttrain.distributed import another_rank_failed
+
+        if _world() > 1 and another_rank_failed():
+            # A peer already reported its error and left; a collective failed here as a consequence: no traceback.
             return _fail(args.command, f"stopped: another rank failed ({type(err).__name__})", 1)
         raise
     return 0

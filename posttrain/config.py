@@ -100,6 +100,11 @@ class OptimArgs:
             yield "lr", f"must be a positive number, got {self.lr}"
         if self.warmup_steps < 0:
             yield "warmup_steps", f"must be >= 0, got {self.warmup_steps}"
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                yield name, f"must be in [0, 1), got {getattr(self, name)}"
+        if self.weight_decay < 0:
+            yield "weight_decay", f"must be >= 0, got {self.weight_decay}"
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,8 @@ class BatchArgs:
     batch_size: int = opt(8, "rows per optimiser step over all ranks and micro-batches (the global batch)")
 
     def validate(self) -> Iterator[tuple[str, str]]:
+        if self.grad_accum < 1:
+            return  # AccumArgs reports it
         if self.batch_size < 1 or self.batch_size % self.grad_accum:
             yield (
                 "batch_size",
@@ -128,7 +135,7 @@ class LoopArgs:
     max_steps: int = opt(100, "optimiser steps")
     seed: int = opt(0, "seed for init, data order and sampling")
     save_every: int = opt(0, "checkpoint every N steps; 0 = only at the end")
-    keep_checkpoints: int = opt(2, "newest complete checkpoints to keep")
+    keep_checkpoints: int = opt(2, "newest complete checkpoints to keep; 0 = keep all")
     eval_every: int = opt(
         0,
         "held-out evaluation every N steps (and before step 1); 0 = only after the last step. What is measured"
@@ -239,6 +246,7 @@ class RewardArgs:
     )
 
     def validate(self) -> Iterator[tuple[str, str]]:
+        yield from _positive(self, "eval_limit")
         if not self.reward:
             yield "reward", "give at least one reward function"
         if self.reward_weights and len(self.reward_weights) != len(self.reward):
@@ -359,6 +367,8 @@ class PPOConfig(RuntimeArgs, LoopArgs, OptimArgs, RolloutArgs, RewardArgs, LoraA
             yield "kl_coef", f"must be >= 0, got {self.kl_coef}"
         if self.kl_controller == "adaptive" and self.kl_target <= 0:
             yield "kl_target", f"must be > 0 for the adaptive controller, got {self.kl_target}"
+        if self.kl_horizon < 1:
+            yield "kl_horizon", f"must be at least 1, got {self.kl_horizon}"
 
 
 STAGE_CONFIGS: dict[str, type] = {

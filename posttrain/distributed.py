@@ -136,11 +136,23 @@ def report_error_once(message: str) -> bool:
     an error that every rank hits is printed once and one that a single rank hits is printed by that rank.
     Uses the key-value store torchrun's rendezvous already set up; without a job, always True."""
     if not dist.is_initialized():
-        return True
+        # Before the job is joined (arguments, config): every rank hits the same error; rank 0 says it.
+        return int(os.environ.get("RANK", "0")) == 0
     try:
         store = dist.distributed_c10d._get_default_store()  # the job's TCPStore (no collective: peers may be stuck)
         return store.add("posttrain/errors", 1) == 1
     except Exception:  # noqa: BLE001 - the store may be gone with a dead peer; then say it ourselves
+        return True
+
+
+def another_rank_failed() -> bool:
+    """Whether some rank of the job has already reported an error (then a failing collective here is only its
+    consequence)."""
+    if not dist.is_initialized():
+        return False
+    try:
+        return dist.distributed_c10d._get_default_store().add("posttrain/errors", 0) > 0
+    except Exception:  # noqa: BLE001 - the store went away with the agent: the job is failing anyway
         return True
 
 
@@ -175,8 +187,8 @@ class Parallel:
         elif ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
-            # No buffer broadcast: rotary tables are identical everywhere, and a broadcast in every forward
-            # would be a collective that generation (different step counts per rank) cannot match.
+            # No buffer broadcast in every forward: the buffers (rotary tables) are the same on every rank, and
+            # forwards under no_grad (reference and old log-probs) need not be matched by a collective.
             self._wrapped = DistributedDataParallel(
                 self._wrapped,
                 device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
@@ -239,10 +251,12 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return state
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], params: list) -> None:
-    """Load a full optimiser state into an optimiser over (possibly FSDP2-sharded) ``params``."""
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a full optimiser state into an optimiser over (possibly FSDP2-sharded) parameters: each state tensor
+    shaped like its parameter is re-sharded like it. (State indices count parameters group by group.)"""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, entry in state["state"].items():
         p = params[int(index)]
         if isinstance(p, DTensor):

@@ -103,9 +103,15 @@ def test_sft_two_ranks_ddp_and_fsdp2_match_one_process(sft_one_process, tmp_path
     assert summary["world_size"] == 2 and summary["parallel"] == "ddp"
     # FSDP2: parameters sharded, gathered for the checkpoint and final/ (a plain HF model).
     fsdp = tmp_path / "fsdp"
-    ok(run([*SFT, "--out", str(fsdp), "--max-steps", "4", "--fsdp"], ranks=2))
+    ok(run([*SFT, "--out", str(fsdp), "--max-steps", "4", "--fsdp", "--save-every", "2"], ranks=2))
     assert_same_run(sft_one_process, fsdp, keys=("loss", "eval_loss"))
     assert json.loads((fsdp / "summary.json").read_text())["parallel"] == "fsdp"
+    # Resume under FSDP2 from the step-2 checkpoint (gathered full tensors, re-sharded on load): same end.
+    shutil.rmtree(fsdp / "checkpoints" / "step_4")
+    shutil.rmtree(fsdp / "final")
+    ok(run([*SFT, "--out", str(fsdp), "--max-steps", "4", "--fsdp", "--save-every", "2", "--resume"], ranks=2))
+    assert json.loads((fsdp / "summary.json").read_text())["resumed_from"] == 2
+    assert_same_run(sft_one_process, fsdp, keys=("loss", "eval_loss"))
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(fsdp / "final") is not None

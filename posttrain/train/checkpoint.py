@@ -36,6 +36,7 @@ def write_checkpoint(
     state: dict,
     *,
     keep: int,
+    rng_states: list[dict] | None = None,
 ) -> Path:
     """Write ``checkpoints/step_{step}`` atomically and keep only the newest ``keep`` complete ones. ``weights`` are
     the trainable parameters by name (all weights for a full fine-tune, the adapters for LoRA), full tensors."""
@@ -46,7 +47,7 @@ def write_checkpoint(
     save_file({n: t.contiguous() for n, t in weights.items()}, str(tmp / "trainable.safetensors"))
     torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler_state, tmp / "scheduler.pt")
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+    torch.save({"ranks": rng_states or [rng_state()]}, tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
     files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
     for name in files:
@@ -87,14 +88,30 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict, dict]:
-    """(trainable weights, optimiser state, scheduler state, trainer state) of a checkpoint; restores the RNGs."""
+def rng_state() -> dict:
+    """This process's random-number state: torch (CPU and every CUDA device) and Python's."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_checkpoint(path: Path, *, rank: int = 0) -> tuple[dict[str, torch.Tensor], dict, dict, dict]:
+    """(trainable weights, optimiser state, scheduler state, trainer state) of a checkpoint; restores this rank's
+    random-number state (each rank's was saved: dropout draws differ per rank)."""
     weights = load_file(str(path / "trainable.safetensors"))
     optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
     scheduler_state = torch.load(path / "scheduler.pt", weights_only=True)
     rng = torch.load(path / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(_as_tuple(rng["python"]))
+    ranks = rng["ranks"] if "ranks" in rng else [rng]
+    set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
     return weights, optimizer_state, scheduler_state, json.loads((path / "trainer_state.json").read_text())
 
 

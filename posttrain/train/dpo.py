@@ -170,6 +170,14 @@ class DPOStage(Stage):
             if cfg.resume and path.is_file():
                 saved = load_file(str(path))
                 self.ref, self.eval_ref = saved["train"], saved.get("eval")
+                # A resumed run may go further (a larger max_steps): compute the rows it has not seen yet.
+                needed = visited_rows(len(self.items), cfg, ctx)
+                missing = [i for i in needed if math.isnan(float(self.ref[i, 0]))]
+                if ctx.sum(len(missing))[0]:
+                    extra = shared_reference(model, self.items, cfg, ctx, missing)
+                    self.ref = torch.where(torch.isnan(self.ref), extra, self.ref)
+                    if ctx.is_main:
+                        save_file({**saved, "train": self.ref}, str(path))
             else:
                 # Only the rows this run will visit (each rank its own share), before any sharding of the model.
                 self.ref = shared_reference(model, self.items, cfg, ctx, visited_rows(len(self.items), cfg, ctx))
@@ -192,7 +200,7 @@ class DPOStage(Stage):
         """KTO's z over the whole step (a no-grad pass; only needed when the step is split)."""
         if self.cfg.loss != "kto" or (run.ctx.world == 1 and self.cfg.grad_accum == 1):
             return None
-        with torch.no_grad():
+        with torch.no_grad(), run.amp():
             sums, _ = run.model.forward(sequence_logps, [self.items[i][0] for i in mine])
         ratio_sum, count = run.ctx.sum(float((sums.float().cpu() - self.ref[mine, 0]).sum()), len(mine))
         return float(kto_reference_point(torch.tensor([ratio_sum / count]), torch.zeros(1)))
@@ -234,14 +242,25 @@ class DPOStage(Stage):
         was_training = module.training
         module.eval()
         loss_sum, right, counted = 0.0, 0.0, 0
-        positions = list(range(len(self.eval_items)))
-        for chunk, real in even_chunks(run.ctx, positions, 64):
+        chunks = even_chunks(run.ctx, list(range(len(self.eval_items))), 64)
+        z = None
+        if self.cfg.loss == "kto":  # KTO's reference point over the whole held-out set, whatever the chunking
+            ratio, n = 0.0, 0
+            for chunk, real in chunks:
+                with run.amp():
+                    sums, _ = run.model.forward(sequence_logps, [self.eval_items[i][0] for i in chunk])
+                if real:
+                    ratio += float((sums.float().cpu() - self.eval_ref[chunk, 0]).sum())
+                    n += len(chunk)
+            ratio, n = run.ctx.sum(ratio, n)
+            z = max(0.0, ratio / n)
+        for chunk, real in chunks:
             items = [self.eval_items[i] for i in chunk]
             labels = [self.eval_labels[i] for i in chunk]
             ref = None if self.eval_ref is None else self.eval_ref[chunk]
             with run.amp():
                 losses, stats = run.model.forward(
-                    lambda m, it=items, lb=labels, rf=ref: preference_loss(m, it, lb, rf, self.cfg)
+                    lambda m, it=items, lb=labels, rf=ref: preference_loss(m, it, lb, rf, self.cfg, z)
                 )
             if real:
                 loss_sum += float(losses.float().sum())

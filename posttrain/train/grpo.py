@@ -94,7 +94,10 @@ class GRPOStage(RLStage):
         self.engines.refresh(run)
         (failed,) = ctx.sum(scores.failed)
         self.reward_failures += int(failed)
-        per_function = {f"reward_{k}": ordered(ctx, v.float()).mean().item() for k, v in scores.per_function.items()}
+        per_function = {}
+        for name, values in scores.per_function.items():
+            total, n = ctx.sum(float(values.float().sum()), values.numel())
+            per_function[f"reward_{name}"] = total / n
         strict, lenient = sampled_accuracy(rollouts.texts, per_completion, ctx)
         length_sum, count = ctx.sum(float(rollouts.lengths.sum()), len(rollouts.texts))
         record.update(
@@ -151,6 +154,8 @@ class GRPOStage(RLStage):
             sums = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "entropy": 0.0, "tokens": 0.0}
             for k, (chunk, weight) in enumerate(chunks):
                 mask, adv = rollouts.mask[chunk], advantages[chunk]
+                if not weight:  # a stand-in: nothing of it counts (an all-False mask drops even a NaN)
+                    mask = torch.zeros_like(mask)
                 with run.no_sync(last=k == len(chunks) - 1):
                     with run.amp():
                         logps, entropy = run.model.forward(
@@ -168,12 +173,12 @@ class GRPOStage(RLStage):
                     if cfg.kl_coef > 0:
                         kl = KL_ESTIMATORS[cfg.kl_estimator](logps, ref[k].float())
                         loss = loss + cfg.kl_coef * self.policy.reduce(kl, mask, **counts)
-                        sums["kl"] += float(masked_sum(kl.detach(), mask)) * weight
-                    run.backward(loss * weight)
-                n_tok = float(mask.sum()) * weight
-                sums["loss"] += float(loss.detach()) * weight
+                        sums["kl"] += float(masked_sum(kl.detach(), mask))
+                    run.backward(loss)
+                n_tok = float(mask.sum())
+                sums["loss"] += float(loss.detach())
                 sums["clip"] += float(stats["clip_fraction"]) * n_tok
-                sums["entropy"] += float(masked_sum(entropy, mask)) * weight
+                sums["entropy"] += float(masked_sum(entropy, mask))
                 sums["tokens"] += n_tok
             finite, grad_norm, loss_value = run.update(sums["loss"])
             kl_sum, clip_sum, entropy_sum, tokens = ctx.sum(sums["kl"], sums["clip"], sums["entropy"], sums["tokens"])
@@ -195,16 +200,9 @@ class GRPOStage(RLStage):
             "prompts": len(self.rows),
             "dropped_long_prompts": self.dropped,
             "reward_failures": self.reward_failures,
-            "final_reward_mean": _last(run, "reward_mean"),
-            "eval_accuracy_strict": _last(run, "eval_accuracy_strict"),
+            "final_reward_mean": run.last_logged("reward_mean"),
+            "eval_accuracy_strict": run.last_logged("eval_accuracy_strict"),
         }
-
-
-def _last(run: Run, key: str) -> Any:
-    from posttrain.train.metrics import MetricsLog
-
-    records = MetricsLog(run.run_dir / "metrics.jsonl", enabled=run.ctx.is_main).read() if run.ctx.is_main else []
-    return next((r[key] for r in reversed(records) if r.get(key) is not None), None)
 
 
 def run_grpo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:

@@ -183,11 +183,11 @@ class PPOStage(RLStage):
                 n_tok = float(lengths[batch].sum().clamp(min=1))
                 mb = [owner[r] for r in batch if r in owner]
                 weight = 1.0 if mb else 0.0
-                mb = mb or [0]  # a stand-in row: every rank runs the same forwards
-                m = mask[mb]
+                mb = mb or [0]  # a stand-in row: every rank runs the same forwards; nothing of it counts
+                m = mask[mb] if weight else torch.zeros_like(mask[mb])
                 with run.amp():
                     logps, values = run.model.forward(logps_and_values, rollouts, mb, cfg.temperature)
-                (kl_part,) = ctx.sum(float(((old_logps[mb] - logps.detach()) * m).sum()) * weight)
+                (kl_part,) = ctx.sum(float(masked_sum(old_logps[mb] - logps.detach(), m)))
                 approx_kl = kl_part / n_tok
                 if updates and kl_exceeds(approx_kl, cfg.trust_region_kl):
                     stopped = True  # the policy left the trust region: no more updates on this batch
@@ -195,10 +195,10 @@ class PPOStage(RLStage):
                 ratio = torch.exp(logps.detach() - old_logps[mb])
                 pg = masked_sum(token_surrogate(logps, old_logps[mb], advantages[mb], m, clip=cfg.clip_eps), m)
                 vf = masked_sum(clipped_value_loss(values, old_values[mb], returns[mb], m, clip=cfg.value_clip), m)
-                loss = (pg + cfg.vf_coef * vf) * weight / n_tok
+                loss = (pg + cfg.vf_coef * vf) / n_tok
                 run.backward(loss)
-                clipped = float((((ratio - 1).abs() > cfg.clip_eps) & m).sum()) * weight
-                pg_sum, vf_sum, clip_sum = ctx.sum(float(pg.detach()) * weight, float(vf.detach()) * weight, clipped)
+                clipped = float((((ratio - 1).abs() > cfg.clip_eps) & m).sum())
+                pg_sum, vf_sum, clip_sum = ctx.sum(float(pg.detach()), float(vf.detach()), clipped)
                 ok, _, _ = run.update(float(loss.detach()))
                 finite = finite and ok
                 updates += 1
@@ -220,19 +220,12 @@ class PPOStage(RLStage):
         save_file({k: v.contiguous() for k, v in head.items()}, str(path.parent / "value_head.safetensors"))
 
     def summary(self, run: Run) -> dict[str, Any]:
-        records = run_metrics(run)
         return {
             "prompts": len(self.rows),
             "dropped_long_prompts": self.dropped,
-            "final_score_mean": next((r["score_mean"] for r in reversed(records) if "score_mean" in r), None),
+            "final_score_mean": run.last_logged("score_mean"),
             "kl_coef": self.controller.value,
         }
-
-
-def run_metrics(run: Run) -> list[dict[str, Any]]:
-    from posttrain.train.metrics import MetricsLog
-
-    return MetricsLog(run.run_dir / "metrics.jsonl").read() if run.ctx.is_main else []
 
 
 def run_ppo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:

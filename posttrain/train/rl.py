@@ -67,23 +67,33 @@ def prompt_seeds(cfg: Any, step: int, positions: list[int]) -> list[int]:
 
 
 class Engines:
-    """The rollout engine (and, when that samples a different copy, an fp32 one for the held-out accuracy).
+    """The rollout engine, and the one measuring the held-out accuracy (the same unless rollouts are sampled in
+    another precision: the accuracy is measured in the weights' own).
 
     Made in the stage's ``build``, before the model is wrapped: under FSDP2 the trained module will hold shards
     only, so the engine samples from a whole copy taken now and refreshed from gathered weights."""
 
     def __init__(self, cfg: Any, policy: Any, tokenizer: Any, ctx: Any):
         self.sharded = cfg.fsdp and ctx.distributed
+        if self.sharded and cfg.rollout_engine == "vllm" and getattr(cfg, "lora_rank", 0):
+            raise ConfigError(
+                "rollout_engine: vllm with fsdp and LoRA is not supported (the gathered adapter weights would need"
+                " merging); use DDP (no --fsdp) or the hf engine"
+            )
         self.rollout = make_engine(cfg.rollout_engine, policy, tokenizer, dtype=cfg.rollout_dtype, copy=self.sharded)
-        separate = cfg.rollout_engine == "hf" and cfg.rollout_dtype != "auto" and not self.sharded
-        self.eval = make_engine("hf", policy, tokenizer) if separate else self.rollout
+        self.eval = self.rollout
+        if cfg.rollout_engine == "hf" and cfg.rollout_dtype != "auto":
+            # The held-out accuracy is measured in the weights' own precision, whatever the rollouts use.
+            self.eval = make_engine("hf", policy, tokenizer, copy=self.sharded)
         self.policy = policy
 
     def refresh(self, run: Any, prefix: str = "") -> None:
         """The engine samples the current weights (after an update or a resume; gathered under FSDP2)."""
         if self.sharded:
             full = run.model.full_state(trainable_only=False)
-            self.rollout.update_weights({k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)})
+            state = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+            for engine in {id(e): e for e in (self.rollout, self.eval)}.values():
+                engine.update_weights(state)
         else:
             self.rollout.update_weights(self.policy)
 

@@ -44,7 +44,7 @@ from posttrain.distributed import (
     peak_memory_mb,
 )
 from posttrain.errors import ConfigError, TrainingError
-from posttrain.train.checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
+from posttrain.train.checkpoint import latest_checkpoint, read_checkpoint, rng_state, write_checkpoint
 from posttrain.train.metrics import MetricsLog
 
 
@@ -140,6 +140,12 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
         return finite, grad_norm, loss
+
+    def last_logged(self, key: str) -> Any:
+        """The last value of ``key`` in metrics.jsonl (read on rank 0; None elsewhere, and the scaffold hands
+        every rank rank 0's summary)."""
+        records = MetricsLog(self.run_dir / "metrics.jsonl").read() if self.ctx.is_main else []
+        return next((r[key] for r in reversed(records) if r.get(key) is not None), None)
 
     def final_state(self) -> dict[str, torch.Tensor] | None:
         """Full weights for saving (gathered once at the end under FSDP2); None when the module holds them."""
@@ -345,6 +351,7 @@ def _run(stage: Stage, cfg: Any, ctx: DistContext, stop_after: int | None) -> di
         "peak_memory_mb": round(peak_memory_mb(), 1),
         **stage.summary(run),
     }
+    summary = ctx.all_gather_objects(summary)[0]  # rank 0 read the metrics: every rank returns its summary
     if ctx.is_main:
         import json
 
@@ -361,20 +368,22 @@ def save(run: Run, scheduler: Any, state: dict, *, keep: int) -> None:
     """Gather (FSDP2) and write a checkpoint from rank 0; every rank must call."""
     weights = run.model.full_state(trainable_only=True)
     opt_state = optimizer_state(run.optimizer) if run.model.sharded else run.optimizer.state_dict()
+    rngs = run.ctx.all_gather_objects(rng_state())
     if run.ctx.is_main:
-        write_checkpoint(run.run_dir, state["step"], weights, opt_state, scheduler.state_dict(), state, keep=keep)
+        sched = scheduler.state_dict()
+        write_checkpoint(run.run_dir, state["step"], weights, opt_state, sched, state, keep=keep, rng_states=rngs)
     run.ctx.barrier()
 
 
 def restore(path: Path, run: Run, scheduler: Any, ctx: DistContext) -> dict:
     """Load a checkpoint into every rank (weights, optimiser, scheduler, RNG); returns the trainer state."""
-    weights, opt_state, sched_state, state = read_checkpoint(path)
+    weights, opt_state, sched_state, state = read_checkpoint(path, rank=ctx.rank)
     missing = [n for n, p in run.model.module.named_parameters() if p.requires_grad and n not in weights]
     if missing:
         raise TrainingError(f"{path}: checkpoint lacks trainable weights {missing[:3]}")
     run.model.load_full_state(weights)
     if run.model.sharded:
-        load_optimizer_state(run.optimizer, opt_state, run.params)
+        load_optimizer_state(run.optimizer, opt_state)
     else:
         run.optimizer.load_state_dict(opt_state)
     scheduler.load_state_dict(sched_state)
