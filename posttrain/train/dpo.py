@@ -209,16 +209,13 @@ class DPOStage(Stage):
         cfg = self.cfg
         mine = run.ctx.shard(indices)
         z = self._kto_reference_point(run, mine)
-        size = len(mine) // cfg.grad_accum
         totals: dict[str, float] = {}
         loss_sum = 0.0
-        for k in range(cfg.grad_accum):
-            part = mine[k * size : (k + 1) * size]
-            with run.no_sync(last=k == cfg.grad_accum - 1):
-                with run.amp():
-                    losses, stats = run.model.forward(self._loss, part, z)
-                loss = row_mean(losses.float(), num_rows=len(indices))
-                run.backward(loss)
+        for part in run.micro_batches(mine, cfg.grad_accum):
+            with run.amp():
+                losses, stats = run.model.forward(self._loss, part, z)
+            loss = row_mean(losses.float(), num_rows=len(indices))
+            run.backward(loss)
             loss_sum += float(loss.detach())
             for key, value in stats.items():
                 if value.dim():
@@ -233,45 +230,43 @@ class DPOStage(Stage):
             **{k: v / len(indices) for k, v in zip(keys, sums)},
         }
 
-    @torch.no_grad()
     def evaluate(self, run: Run) -> dict[str, float]:
         """Mean loss and preference accuracy (implicit chosen reward > rejected) on held-out rows."""
         if not self.eval_items:
             return {}
-        module = run.model.module
-        was_training = module.training
-        module.eval()
         loss_sum, right, counted = 0.0, 0.0, 0
         chunks = even_chunks(run.ctx, list(range(len(self.eval_items))), 64)
-        z = None
-        if self.cfg.loss == "kto":  # KTO's reference point over the whole held-out set, whatever the chunking
-            ratio, n = 0.0, 0
+        with run.evaluating():
+            z = self._eval_reference_point(run, chunks) if self.cfg.loss == "kto" else None
             for chunk, real in chunks:
+                items = [self.eval_items[i] for i in chunk]
+                labels = [self.eval_labels[i] for i in chunk]
+                ref = None if self.eval_ref is None else self.eval_ref[chunk]
                 with run.amp():
-                    sums, _ = run.model.forward(sequence_logps, [self.eval_items[i][0] for i in chunk])
+                    losses, stats = run.model.forward(
+                        lambda m, it=items, lb=labels, rf=ref: preference_loss(m, it, lb, rf, self.cfg, z)
+                    )
                 if real:
-                    ratio += float((sums.float().cpu() - self.eval_ref[chunk, 0]).sum())
-                    n += len(chunk)
-            ratio, n = run.ctx.sum(ratio, n)
-            z = max(0.0, ratio / n)
-        for chunk, real in chunks:
-            items = [self.eval_items[i] for i in chunk]
-            labels = [self.eval_labels[i] for i in chunk]
-            ref = None if self.eval_ref is None else self.eval_ref[chunk]
-            with run.amp():
-                losses, stats = run.model.forward(
-                    lambda m, it=items, lb=labels, rf=ref: preference_loss(m, it, lb, rf, self.cfg, z)
-                )
-            if real:
-                loss_sum += float(losses.float().sum())
-                right += float(stats["accuracy"].float().sum()) if "accuracy" in stats else 0.0
-                counted += len(chunk)
-        module.train(was_training)
+                    loss_sum += float(losses.float().sum())
+                    right += float(stats["accuracy"].float().sum()) if "accuracy" in stats else 0.0
+                    counted += len(chunk)
         loss_sum, right, counted = run.ctx.sum(loss_sum, right, counted)
         out = {"eval_loss": loss_sum / counted}
         if self.cfg.loss != "kto":
             out["eval_preference_accuracy"] = right / counted
         return out
+
+    def _eval_reference_point(self, run: Run, chunks: list[tuple[list[int], bool]]) -> float:
+        """KTO's z over the whole held-out set (all ranks), so the held-out loss does not depend on chunking."""
+        ratio, n = 0.0, 0
+        for chunk, real in chunks:
+            with run.amp():
+                sums, _ = run.model.forward(sequence_logps, [self.eval_items[i][0] for i in chunk])
+            if real:
+                ratio += float((sums.float().cpu() - self.eval_ref[chunk, 0]).sum())
+                n += len(chunk)
+        ratio, n = run.ctx.sum(ratio, n)
+        return max(0.0, ratio / n)
 
     def summary(self, run: Run) -> dict[str, Any]:
         return {"loss": self.cfg.loss, **self.counts}

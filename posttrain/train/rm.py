@@ -78,17 +78,13 @@ class RMStage(Stage):
 
     def step(self, run: Run, indices: list[int], step: int) -> dict[str, Any]:
         mine = run.ctx.shard(indices)
-        accum = self.cfg.grad_accum
-        size = len(mine) // accum
         loss_sum, right, margin_sum = 0.0, 0.0, 0.0
-        for k in range(accum):
-            part = mine[k * size : (k + 1) * size]
-            with run.no_sync(last=k == accum - 1):
-                with run.amp():
-                    chosen, rejected = run.model.forward(pair_rewards, [self.pairs[i] for i in part])
-                margin = torch.tensor([self.margins[i] for i in part], device=chosen.device)
-                loss = row_mean(bradley_terry_loss(chosen.float(), rejected.float(), margin), num_rows=len(indices))
-                run.backward(loss)
+        for part in run.micro_batches(mine, self.cfg.grad_accum):
+            with run.amp():
+                chosen, rejected = run.model.forward(pair_rewards, [self.pairs[i] for i in part])
+            margin = torch.tensor([self.margins[i] for i in part], device=chosen.device)
+            loss = row_mean(bradley_terry_loss(chosen.float(), rejected.float(), margin), num_rows=len(indices))
+            run.backward(loss)
             loss_sum += float(loss.detach())
             right += float((chosen > rejected).sum())
             margin_sum += float((chosen - rejected).detach().sum())
@@ -103,22 +99,18 @@ class RMStage(Stage):
             "margin": margin_sum / n,
         }
 
-    @torch.no_grad()
     def evaluate(self, run: Run) -> dict[str, float]:
         """Share of held-out pairs whose chosen reply gets the higher reward."""
         if not self.eval_pairs:
             return {}
-        module = run.model.module
-        was_training = module.training
-        module.eval()
         right, counted = 0, 0
-        for chunk, real in even_chunks(run.ctx, self.eval_pairs, 64):
-            with run.amp():
-                chosen, rejected = run.model.forward(pair_rewards, chunk)
-            if real:
-                right += int((chosen > rejected).sum())
-                counted += len(chunk)
-        module.train(was_training)
+        with run.evaluating():
+            for chunk, real in even_chunks(run.ctx, self.eval_pairs, 64):
+                with run.amp():
+                    chosen, rejected = run.model.forward(pair_rewards, chunk)
+                if real:
+                    right += int((chosen > rejected).sum())
+                    counted += len(chunk)
         right, counted = run.ctx.sum(right, counted)
         return {"eval_pair_accuracy": right / counted}
 

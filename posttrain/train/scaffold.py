@@ -128,6 +128,26 @@ class Run:
             return nullcontext()
         return wrapped.no_sync()
 
+    def micro_batches(self, rows: list, accum: int) -> Iterator[list]:
+        """``rows`` (this rank's share of the step) in ``accum`` equal micro-batches; the caller's forward and
+        backward of each run under DDP's ``no_sync`` but for the last, so gradients are all-reduced once."""
+        size = len(rows) // accum
+        for k in range(accum):
+            with self.no_sync(last=k == accum - 1):
+                yield rows[k * size : (k + 1) * size]
+
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """The model in eval mode (no dropout) and without gradients, restored afterwards."""
+        module = self.model.module
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            module.train(was_training)
+
     def update(self, local_loss: float) -> tuple[bool, float, float]:
         """Clip and apply the accumulated gradient unless the step's loss or gradient is non-finite (then nothing
         reaches the weights). ``local_loss`` is this rank's share; returns (finite, gradient norm, global loss)."""

@@ -100,16 +100,13 @@ class LMStage(Stage):
         n_targets = max(sum(sum(e.loss_mask[1:]) for e in batch), 1)
         tokens = sum(len(e.input_ids) for e in batch)
         mine = run.ctx.shard(batch)
-        accum = self.cfg.grad_accum
-        size = len(mine) // accum
         loss_sum, correct = 0.0, 0
-        for k in range(accum):
-            packed = pack(mine[k * size : (k + 1) * size]).to(run.ctx.device)
-            with run.no_sync(last=k == accum - 1):
-                with run.amp():
-                    losses, right = run.model.forward(self.loss_fn, packed)
-                loss = masked_sum(losses.float(), packed.target_mask) / n_targets
-                run.backward(loss)
+        for part in run.micro_batches(mine, self.cfg.grad_accum):
+            packed = pack(part).to(run.ctx.device)
+            with run.amp():
+                losses, right = run.model.forward(self.loss_fn, packed)
+            loss = masked_sum(losses.float(), packed.target_mask) / n_targets
+            run.backward(loss)
             loss_sum += float(loss.detach())
             correct += int(right.sum())
         finite, grad_norm, loss_value = run.update(loss_sum)
@@ -122,24 +119,20 @@ class LMStage(Stage):
             "tokens": tokens,
         }
 
-    @torch.no_grad()
     def evaluate(self, run: Run) -> dict[str, float]:
         """Token-mean NLL on the held-out examples (each rank a share; summed over ranks)."""
         if not self.eval_examples:
             return {}
-        module = run.model.module
-        was_training = module.training
-        module.eval()
         total, count, correct = 0.0, 0, 0
-        for chunk, counts in even_chunks(run.ctx, list(self.eval_examples), 64):
-            packed = pack(chunk).to(run.ctx.device)
-            with run.amp():
-                losses, right = run.model.forward(packed_token_losses, packed)
-            if counts:
-                total += float(losses.float().sum())
-                count += packed.num_target_tokens
-                correct += int(right.sum())
-        module.train(was_training)
+        with run.evaluating():
+            for chunk, counts in even_chunks(run.ctx, list(self.eval_examples), 64):
+                packed = pack(chunk).to(run.ctx.device)
+                with run.amp():
+                    losses, right = run.model.forward(packed_token_losses, packed)
+                if counts:
+                    total += float(losses.float().sum())
+                    count += packed.num_target_tokens
+                    correct += int(right.sum())
         total, count, correct = run.ctx.sum(total, count, correct)
         nll = total / max(count, 1)
         return {
