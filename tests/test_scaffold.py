@@ -214,13 +214,16 @@ def test_grpo_dapo_token_mean_is_exact_under_accumulation(tmp_path):
     for accum in (1, 8):
         out = tmp_path / f"a{accum}"
         values = {"out": str(out), "max_steps": 2, "batch_prompts": 2, "group_size": 4, "grad_accum": accum}
-        values.update(loss="dapo", data="task:uppercase", max_new_tokens=12, lr=1e-3, progress=False, log_every=1)
+        values.update(loss="dapo", data="task:arithmetic", max_new_tokens=16, lr=1e-3, progress=False, log_every=1)
         values.update(reward=["correct_lenient", "length_penalty"], eval_limit=4, kl_coef=0.05)
         run_grpo(build_config(GRPOConfig, values, path="grpo"))
         outs.append(out)
     metrics = [[json.loads(x) for x in (o / "metrics.jsonl").read_text().splitlines()] for o in outs]
     assert [m.get("reward_mean") for m in metrics[1]] == [m.get("reward_mean") for m in metrics[0]]
     assert [m.get("loss") for m in metrics[1]] == pytest.approx([m.get("loss") for m in metrics[0]], rel=1e-5)
+    norms = [[m["grad_norm"] for m in ms if "grad_norm" in m] for ms in metrics]
+    assert norms[0][0] > 0.1  # samples differ within groups: there is a gradient to get right
+    assert norms[1] == pytest.approx(norms[0], rel=1e-5)
     _same_weights(outs[0], outs[1], atol=1e-5)
 
 
@@ -254,3 +257,22 @@ def test_device_and_engine_errors_are_one_clear_line(tmp_path, capsys, argv, wor
     code = main([*argv, "--out", str(tmp_path), "--max-steps", "1", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and words in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("stage", ["dpo", "rm"])
+def test_preference_stages_skip_bad_rows_and_say_so(tmp_path, stage):
+    from posttrain.errors import DataError
+    from posttrain.tasks import get_task
+
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in get_task("arithmetic_prefs").rows("train", 4)]
+    data = tmp_path / "prefs.jsonl"
+    bad = {"prompt": "What is 1 + 1?", "chosen": "Answer: 2"}  # no rejected reply
+    data.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], bad, *rows[1:]]))
+    values = {"data": str(data), "eval_data": "", "max_steps": 1, "batch_size": 2, "max_length": 200, "progress": False}
+    with pytest.raises(DataError, match=r"prefs.jsonl:2: field 'rejected'"):
+        STAGES[stage].run(build_config(STAGES[stage].config, {**values, "out": str(tmp_path / "a")}, path=stage))
+    out = tmp_path / "b"
+    cfg = build_config(STAGES[stage].config, {**values, "out": str(out), "skip_bad_rows": True}, path=stage)
+    assert STAGES[stage].run(cfg)["pairs"] == 4
+    report = json.loads((out / "bad_rows.json").read_text())
+    assert report["count"] == 1 and "rejected" in json.dumps(report["rows"])

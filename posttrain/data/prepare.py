@@ -31,6 +31,22 @@ class PreparedData:
         }
 
 
+def checked_rows(
+    source: Any, kind: str, *, skip_bad_rows: bool, run_dir: Path | None = None, label: str = "data"
+) -> Any:
+    """Load and validate rows of ``kind``. Bad rows raise ``DataError`` (file, line, field) unless
+    ``skip_bad_rows``; skipped rows' count and reasons go to ``run_dir/bad_rows[_LABEL].json`` (pass ``run_dir``
+    on one process only: under torchrun, rank 0)."""
+    name = source if isinstance(source, str) else "<rows>"
+    checked = validate_rows(load_rows(source), kind, source=name, skip_bad_rows=skip_bad_rows)
+    if checked.skipped and run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / f"bad_rows{'' if label == 'data' else '_' + label}.json").write_text(
+            json.dumps({"source": name, "count": len(checked.skipped), "rows": checked.skipped}, indent=1)
+        )
+    return checked
+
+
 def prepare_examples(
     source: Any,
     tokenizer: Any,
@@ -46,12 +62,7 @@ def prepare_examples(
     """Load, validate, tokenise and length-check rows. Bad rows raise ``DataError`` (file, line, field) unless
     ``skip_bad_rows``, in which case their count and reasons go to ``run_dir/bad_rows.json``."""
     name = source if isinstance(source, str) else "<rows>"
-    checked = validate_rows(load_rows(source), kind, source=name, skip_bad_rows=skip_bad_rows)
-    if checked.skipped and run_dir is not None:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(run_dir) / f"bad_rows{'' if label == 'data' else '_' + label}.json").write_text(
-            json.dumps({"source": name, "count": len(checked.skipped), "rows": checked.skipped}, indent=1)
-        )
+    checked = checked_rows(source, kind, skip_bad_rows=skip_bad_rows, run_dir=run_dir, label=label)
     stats = EncodeStats()
     examples = []
     for row, line in zip(checked.rows, checked.lines):

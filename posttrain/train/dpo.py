@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from posttrain.data.batching import ResumableSampler, pack
 from posttrain.data.encode import EncodeStats, Example, apply_length_policy, encode_row
-from posttrain.data.rows import load_rows, validate_rows
+from posttrain.data.prepare import checked_rows
 from posttrain.distributed import DistContext
 from posttrain.errors import ConfigError
 from posttrain.losses.logprobs import token_logps
@@ -31,12 +31,14 @@ from posttrain.train.policy import default_eval_data, model_for_training
 from posttrain.train.scaffold import Run, Stage, even_chunks, run_stage
 
 
-def encode_pairs(source: Any, tokenizer: Any, cfg: Any) -> tuple[list[tuple[Example, ...]], list[bool], dict]:
+def encode_pairs(
+    source: Any, tokenizer: Any, cfg: Any, *, run_dir: Any = None, label: str = "data"
+) -> tuple[list[tuple[Example, ...]], list[bool], dict]:
     """Rows -> per row (chosen, rejected) examples (kto: (completion,) and its label), completion-only masks."""
     kto = cfg.loss == "kto"
     name = source if isinstance(source, str) else "<rows>"
-    checked = validate_rows(
-        load_rows(source), "unpaired" if kto else "preference", source=name, skip_bad_rows=cfg.skip_bad_rows
+    checked = checked_rows(
+        source, "unpaired" if kto else "preference", skip_bad_rows=cfg.skip_bad_rows, run_dir=run_dir, label=label
     )
     stats = EncodeStats()
     items, labels = [], []
@@ -156,9 +158,12 @@ class DPOStage(Stage):
     def build(self, ctx: DistContext) -> tuple[Any, Any]:
         cfg = self.cfg
         model, tokenizer = model_for_training(cfg, ctx.device)
-        self.items, self.labels, self.counts = encode_pairs(cfg.data, tokenizer, cfg)
+        run_dir = cfg.out if ctx.is_main else None  # rank 0 writes bad_rows.json
+        self.items, self.labels, self.counts = encode_pairs(cfg.data, tokenizer, cfg, run_dir=run_dir)
         source = cfg.eval_data or default_eval_data(cfg.data)
-        self.eval_items, self.eval_labels = encode_pairs(source, tokenizer, cfg)[:2] if source else ([], [])
+        self.eval_items, self.eval_labels = (
+            encode_pairs(source, tokenizer, cfg, run_dir=run_dir, label="eval")[:2] if source else ([], [])
+        )
         if cfg.batch_size % (ctx.world * cfg.grad_accum):
             raise ConfigError(
                 f"dpo.batch_size: {cfg.batch_size} rows cannot be split into {ctx.world} ranks x"

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from posttrain.data.encode import EncodeStats, Example, apply_length_policy, encode_row
-from posttrain.data.rows import load_rows, validate_rows
+from posttrain.data.prepare import checked_rows
 from posttrain.distributed import DistContext
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.preference import bradley_terry_loss
@@ -28,9 +28,11 @@ from posttrain.train.policy import default_eval_data
 from posttrain.train.scaffold import Run, Stage, even_chunks, run_stage
 
 
-def encode_pairs(source: Any, tokenizer: Any, cfg: Any) -> tuple[list[tuple[Example, Example]], list[float], dict]:
+def encode_pairs(
+    source: Any, tokenizer: Any, cfg: Any, *, run_dir: Any = None, label: str = "data"
+) -> tuple[list[tuple[Example, Example]], list[float], dict]:
     name = source if isinstance(source, str) else "<rows>"
-    checked = validate_rows(load_rows(source), "preference", source=name, skip_bad_rows=cfg.skip_bad_rows)
+    checked = checked_rows(source, "preference", skip_bad_rows=cfg.skip_bad_rows, run_dir=run_dir, label=label)
     stats = EncodeStats()
     pairs, margins = [], []
     for row, line in zip(checked.rows, checked.lines):
@@ -63,9 +65,10 @@ class RMStage(Stage):
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         model, tokenizer = load_reward_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-        self.pairs, self.margins, self.counts = encode_pairs(cfg.data, tokenizer, cfg)
+        run_dir = cfg.out if ctx.is_main else None  # rank 0 writes bad_rows.json
+        self.pairs, self.margins, self.counts = encode_pairs(cfg.data, tokenizer, cfg, run_dir=run_dir)
         source = cfg.eval_data or default_eval_data(cfg.data)
-        self.eval_pairs = encode_pairs(source, tokenizer, cfg)[0] if source else []
+        self.eval_pairs = encode_pairs(source, tokenizer, cfg, run_dir=run_dir, label="eval")[0] if source else []
         if cfg.batch_size % (ctx.world * cfg.grad_accum):
             raise ConfigError(
                 f"rm.batch_size: {cfg.batch_size} pairs cannot be split into {ctx.world} ranks x"
