@@ -19,7 +19,7 @@ $(VENV)/.test: $(VENV)/.base
 	touch $@
 
 demo: $(VENV)/.base
-	$(VENV)/bin/posttrain demo --out runs/demo
+	$(VENV)/bin/posttrain demo --out runs/demo --overwrite
 
 test: $(VENV)/.test
 	$(PY) -m ruff check .

@@ -99,11 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--from-scratch", action="store_true", help="pretrain the base on the spot instead of using the shipped one"
     )
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_run_dir_flags(demo)
     run = sub.add_parser("run", help="run a YAML recipe (stages in order, evaluated after each)")
     run.add_argument("recipe", help="recipe file")
     run.add_argument("--out", default=None, help="run directory (default: the recipe's out)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_run_dir_flags(run)
     for info in STAGES.values():
         p = sub.add_parser(
             info.name, help=info.description, description=info.description + "\n\n" + (info.config.__doc__ or "")
@@ -129,8 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="merge a LoRA adapter into its base: a plain HF model")
     merge.add_argument("--model", required=True, help="base model (dir, builtin:tiny-base or hub id)")
     merge.add_argument("--lora", required=True, help="PEFT adapter directory")
-    merge.add_argument("--out", required=True, help="output model directory")
+    merge.add_argument("--out", required=True, help="output model directory (new or empty)")
+    merge.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it is a model directory posttrain wrote"
+    )
     return parser
+
+
+def _add_run_dir_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue every stage from its newest checkpoint")
+    group.add_argument(
+        "--overwrite", action="store_true", help="replace the run in --out (only what posttrain wrote is removed)"
+    )
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -142,6 +155,11 @@ def _generate(args: argparse.Namespace) -> None:
 
     if not args.prompt:
         raise ConfigError("generate: give at least one --prompt")
+    for flag, value in (("--n", args.n), ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            raise ConfigError(f"generate {flag}: must be at least 1, got {value}")
+    if not args.temperature > 0 or args.temperature == float("inf"):
+        raise ConfigError(f"generate --temperature: must be a positive number, got {args.temperature}")
     model, tokenizer = load_model(args.model)
     torch.manual_seed(args.seed)
     rows = [{"prompt": p if args.raw else [{"role": "user", "content": p}]} for p in args.prompt]
@@ -190,11 +208,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from posttrain.pipeline import run_demo
 
-            run_demo(out=args.out, from_scratch=args.from_scratch, progress=not args.no_progress)
+            run_demo(
+                out=args.out,
+                from_scratch=args.from_scratch,
+                progress=not args.no_progress,
+                resume=args.resume,
+                overwrite=args.overwrite,
+            )
         elif args.command == "run":
             from posttrain.pipeline import load_recipe, run_recipe
 
-            run_recipe(load_recipe(args.recipe, args.overrides), out=args.out, progress=not args.no_progress)
+            run_recipe(
+                load_recipe(args.recipe, args.overrides),
+                out=args.out,
+                progress=not args.no_progress,
+                resume=args.resume,
+                overwrite=args.overwrite,
+            )
         elif args.command in STAGES:
             info = STAGES[args.command]
             summary = info.run(_stage_config(info.config, args, info.name))
@@ -209,7 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _generate(args)
         elif args.command == "merge":
             from posttrain.models.lora import merge_adapter
+            from posttrain.rundir import check_model_out
 
+            check_model_out(args.out, key="merge.out", overwrite=args.overwrite)
             print(merge_adapter(args.model, args.lora, args.out))
     except PosttrainError as err:
         return _fail(args.command, str(err), 2)

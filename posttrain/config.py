@@ -58,6 +58,8 @@ class LoraArgs:
     def validate(self) -> Iterator[tuple[str, str]]:
         if self.lora_rank < 0:
             yield "lora_rank", f"must be >= 0, got {self.lora_rank}"
+        if not 0 <= self.lora_dropout < 1:
+            yield "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}"
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ class OptimArgs:
                 yield name, f"must be in [0, 1), got {getattr(self, name)}"
         if self.weight_decay < 0:
             yield "weight_decay", f"must be >= 0, got {self.weight_decay}"
+        if self.max_grad_norm < 0:
+            yield "max_grad_norm", f"must be >= 0 (0 = no clipping), got {self.max_grad_norm}"
 
 
 @dataclass(frozen=True)
@@ -143,7 +147,12 @@ class LoopArgs:
         " greedy answer accuracy for grpo/ppo",
     )
     log_every: int = opt(10, "write metrics every N steps")
-    resume: bool = opt(False, "continue from the newest complete checkpoint in out (fresh start if none)")
+    resume: bool = opt(
+        False,
+        "continue from the newest complete checkpoint in out (fresh start if none); the config and data must be the"
+        " checkpoint's, except the keys listed in the README (max_steps, save_every, eval_every, ...)",
+    )
+    overwrite: bool = opt(False, "replace the run already in out (only what posttrain wrote there is removed)")
     max_bad_steps: int = opt(5, "stop after this many non-finite steps in a row")
     progress: bool = opt(True, "show progress bars")
 
@@ -189,7 +198,8 @@ class EvalConfig:
     model: str = opt("builtin:tiny-base", "model dir, adapter dir or hub id")
     task: str = opt("", "built-in task name (its test split); or give data")
     data: str = opt("", "rows with prompt and answer (.jsonl/.parquet/.csv)")
-    out: str = opt("", "write results JSON here")
+    out: str = opt("", "write results JSON here (checked before evaluating; an existing file needs overwrite)")
+    overwrite: bool = opt(False, "replace an existing out file")
     strategy: Literal["greedy", "sample", "best_of_n", "self_consistency", "beam", "tree", "hybrid"] = opt(
         "greedy", "decoding or search strategy (see posttrain.search)"
     )
@@ -223,6 +233,22 @@ class EvalConfig:
     trust_remote_code: bool = opt(False, "allow custom model code from the model dir")
     threads: int = opt(0, "torch CPU threads; 0 = torch's default")
 
+    def validate(self) -> Iterator[tuple[str, str]]:
+        yield from _positive(self, "n", "max_new_tokens", "batch_size", "keep")
+        for name in ("limit", "token_budget", "threads"):
+            if getattr(self, name) < 0:
+                yield name, f"must be >= 0, got {getattr(self, name)}"
+        if self.temperature <= 0:
+            yield "temperature", f"must be > 0, got {self.temperature} (use strategy greedy for argmax decoding)"
+        if not 0 < self.top_p <= 1:
+            yield "top_p", f"must be in (0, 1], got {self.top_p}"
+        if any(n < 1 for n in self.scaling):
+            yield "scaling", f"every n must be at least 1, got {self.scaling}"
+        if not self.scorer:
+            yield "scorer", "give at least one scorer (logprob, a reward name or module:function)"
+        if self.strategy == "hybrid" and not self.helper_model:
+            yield "helper_model", "strategy hybrid needs a helper model"
+
 
 @dataclass(frozen=True)
 class RewardArgs:
@@ -246,7 +272,9 @@ class RewardArgs:
     )
 
     def validate(self) -> Iterator[tuple[str, str]]:
-        yield from _positive(self, "eval_limit")
+        yield from _positive(self, "eval_limit", "max_length")
+        if self.reward_timeout_s <= 0:
+            yield "reward_timeout_s", f"must be > 0, got {self.reward_timeout_s}"
         if not self.reward:
             yield "reward", "give at least one reward function"
         if self.reward_weights and len(self.reward_weights) != len(self.reward):
@@ -297,9 +325,22 @@ class GRPOConfig(RuntimeArgs, LoopArgs, AccumArgs, OptimArgs, RolloutArgs, Rewar
     overlong_buffer: int = opt(0, "DAPO overlong shaping: penalty ramps over the last N tokens before the limit")
 
     def validate(self) -> Iterator[tuple[str, str]]:
-        yield from _positive(self, "group_size", "updates_per_batch")
+        yield from _positive(self, "updates_per_batch")
+        if self.group_size < 2:
+            yield (
+                "group_size",
+                f"must be at least 2, got {self.group_size}: every advantage estimator compares a completion with"
+                " the others of its prompt's group, so a group of one never has a learning signal",
+            )
         if self.kl_coef < 0:
             yield "kl_coef", f"must be >= 0, got {self.kl_coef}"
+        for name in ("min_new_tokens", "epsilon_low", "epsilon_high", "overlong_buffer"):
+            if getattr(self, name) < 0:
+                yield name, f"must be >= 0, got {getattr(self, name)}"
+        if self.min_new_tokens >= self.max_new_tokens:
+            yield "min_new_tokens", f"{self.min_new_tokens} leaves no room under max_new_tokens={self.max_new_tokens}"
+        if self.overlong_buffer >= self.max_new_tokens:
+            yield "overlong_buffer", f"{self.overlong_buffer} must be below max_new_tokens={self.max_new_tokens}"
 
 
 @dataclass(frozen=True)
@@ -322,6 +363,9 @@ class DPOConfig(RuntimeArgs, LoopArgs, BatchArgs, AccumArgs, OptimArgs, DataArgs
             yield "beta", f"must be > 0, got {self.beta}"
         if not 0 <= self.label_smoothing < 0.5:
             yield "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}"
+        for name in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, name) <= 0:
+                yield name, f"must be > 0, got {getattr(self, name)}"
 
 
 @dataclass(frozen=True)
@@ -369,6 +413,14 @@ class PPOConfig(RuntimeArgs, LoopArgs, OptimArgs, RolloutArgs, RewardArgs, LoraA
             yield "kl_target", f"must be > 0 for the adaptive controller, got {self.kl_target}"
         if self.kl_horizon < 1:
             yield "kl_horizon", f"must be at least 1, got {self.kl_horizon}"
+        if self.clip_eps <= 0:
+            yield "clip_eps", f"must be > 0, got {self.clip_eps}"
+        for name in ("value_clip", "vf_coef", "trust_region_kl"):
+            if getattr(self, name) < 0:
+                yield name, f"must be >= 0, got {getattr(self, name)}"
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                yield name, f"must be in [0, 1], got {getattr(self, name)}"
 
 
 STAGE_CONFIGS: dict[str, type] = {
@@ -428,6 +480,8 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
     elif tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value}")
     elif tp is str:
         ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
         value = str(value) if ok else value

@@ -17,6 +17,7 @@ A recipe is YAML::
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +26,8 @@ from typing import Any
 import yaml
 
 from posttrain.config import EvalConfig, build_config, coerce
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, PosttrainError
+from posttrain.rundir import check_run_dir, claim, write_atomic
 from posttrain.stages import STAGES
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
@@ -172,24 +174,146 @@ def run_search_suite(model_spec: str, recipe: dict[str, Any]) -> list[dict[str, 
     return points
 
 
-def run_recipe(recipe: dict[str, Any], *, out: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run every stage, evaluate after each, write ``summary.json`` and ``report.html`` in the run directory."""
-    from posttrain.models.loading import resolve
-    from posttrain.report import print_stage_table, write_report
+STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-    run_dir = Path(out or recipe.get("out") or "runs/recipe")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    suite_configs(recipe)  # fail on a bad suite or search section before any training
+
+def _check_stage_names(stages: list[dict[str, Any]]) -> None:
+    """Stage names become directories under the run directory: plain names only, each once."""
+    seen: set[str] = set()
+    for i, stage in enumerate(stages):
+        name = stage["name"]
+        if not isinstance(name, str) or not STAGE_NAME.match(name) or name in (".", ".."):
+            raise ConfigError(
+                f"stages[{i}].name: {name!r} is not a plain name (letters, digits, '_', '-', '.'; it names the"
+                " stage's directory inside the run directory)"
+            )
+        if name in seen:
+            raise ConfigError(f"stages[{i}].name: {name!r} is used twice (each stage writes to OUT/NAME)")
+        if "out" in stage:
+            raise ConfigError(
+                f"stages[{i}]({name}).out: a recipe stage writes to its run directory's {name}/; rename the stage"
+                " instead"
+            )
+        seen.add(name)
+
+
+def _data_kinds(kind: str, cfg: Any) -> dict[str, str]:
+    """Config key -> row kind of every data source a stage reads."""
+    if kind in ("pretrain", "sft"):
+        row = "text" if kind == "pretrain" else "sft"
+        return {"data": row, "eval_data": row, "replay_data": "sft"}
+    if kind == "dpo":
+        return {k: "unpaired" if cfg.loss == "kto" else "preference" for k in ("data", "eval_data")}
+    if kind == "rm":
+        return {"data": "preference", "eval_data": "preference"}
+    return {"data": "prompt", "eval_data": "prompt"}
+
+
+def _check_sources(kind: str, cfg: Any, produced: set[str]) -> None:
+    """Every data source of a stage exists and its rows are valid (a later stage's input that an earlier stage
+    produces is checked when that stage runs)."""
+    from posttrain.data.rows import load_rows, validate_rows
+
+    for key, rows_kind in _data_kinds(kind, cfg).items():
+        source = getattr(cfg, key, "")
+        if not source or any(source.startswith(p) for p in produced):
+            continue
+        checked = validate_rows(
+            load_rows(source), rows_kind, source=source, skip_bad_rows=getattr(cfg, "skip_bad_rows", False)
+        )
+        if key == "data" and kind in ("grpo", "ppo"):  # rewards that need a column the rows lack
+            from posttrain.rewards import check_reward_columns, parse_rewards
+
+            named = [s for s in cfg.reward if not s.startswith("rm:")]  # reward models are loaded when they run
+            if named:
+                check_reward_columns(parse_rewards(named), checked.rows, source, lines=checked.lines)
+
+
+def _check_models_and_rewards(cfg: Any, produced: set[str]) -> None:
+    from posttrain.models.loading import resolve
+    from posttrain.rewards.api import load_reward
+
+    if cfg.model not in produced:
+        resolve(cfg.model)
+    for spec in getattr(cfg, "reward", []):
+        if spec.startswith("rm:"):
+            for path in (p for p in spec[3:].split("+") if p and p not in produced):
+                resolve(path)
+        else:
+            load_reward(spec)
+
+
+def plan_recipe(
+    recipe: dict[str, Any], run_dir: Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True
+) -> list[tuple[dict[str, Any], str | None, Any]]:
+    """The whole recipe validated before anything trains: every stage's name, keys and values, data sources,
+    models, reward functions and run directory, and the evaluation and search settings. Returns per stage (entry,
+    type, config), with type None and the model path for a ``use`` stage."""
+    from posttrain.models.loading import resolve
+
+    _check_stage_names(recipe["stages"])
+    suite_configs(recipe)
     search_configs(recipe)
-    started = time.perf_counter()
-    stages: list[dict[str, Any]] = []
+    check_run_dir(run_dir, key="run.out", resume=resume, overwrite=overwrite)
+    plan: list[tuple[dict[str, Any], str | None, Any]] = []
     previous: str | None = None
     artifacts: dict[str, str] = {}
     for index, stage in enumerate(recipe["stages"]):
-        t0 = time.perf_counter()
         if "use" in stage:
             previous = resolve(str(stage["use"]))
+            plan.append((stage, None, previous))
+            continue
+        kind, cfg = stage_config(stage, index=index, out=run_dir, previous_model=previous, artifacts=artifacts)
+        cfg = replace(
+            cfg, progress=progress and cfg.progress, resume=cfg.resume or resume, overwrite=cfg.overwrite or overwrite
+        )
+        where = f"stages[{index}]({stage['name']})"
+        check_run_dir(cfg.out, key=f"{where}.out", resume=cfg.resume, overwrite=cfg.overwrite)
+        produced = set(artifacts.values())
+        try:
+            _check_sources(kind, cfg, produced)
+            _check_models_and_rewards(cfg, produced)
+        except PosttrainError as err:  # a data, model or reward error: say which stage it belongs to
+            raise ConfigError(f"{where}: {err}") from None
+        final = str(Path(cfg.out) / "final")
+        artifacts[stage["name"]] = final
+        if STAGES[kind].policy:
+            previous = final
+        plan.append((stage, kind, cfg))
+    return plan
+
+
+def run_recipe(
+    recipe: dict[str, Any],
+    *,
+    out: str | None = None,
+    progress: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Run every stage, evaluate after each, write ``summary.json`` and ``report.html`` in the run directory.
+    The whole recipe is checked first (:func:`plan_recipe`); ``resume`` continues every stage from its newest
+    checkpoint, ``overwrite`` replaces a previous run in the same directory."""
+    from posttrain.report import print_stage_table, write_report
+
+    run_dir = Path(out or recipe.get("out") or "runs/recipe")
+    plan = plan_recipe(recipe, run_dir, resume=resume, overwrite=overwrite, progress=progress)
+    claimed = claim(run_dir, key="run.out", resume=resume, overwrite=overwrite)
+    try:
+        write_atomic(run_dir / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
+        return _run_plan(recipe, plan, run_dir, print_stage_table, write_report)
+    finally:
+        claimed.release()
+
+
+def _run_plan(recipe: dict[str, Any], plan: list, run_dir: Path, print_stage_table: Any, write_report: Any) -> dict:
+    started = time.perf_counter()
+    stages: list[dict[str, Any]] = []
+    previous: str | None = None
+    for stage, kind, cfg in plan:
+        t0 = time.perf_counter()
+        if kind is None:
+            previous = cfg
             provenance = Path(previous) / "PROVENANCE.json"
             record = {
                 "name": stage["name"],
@@ -198,10 +322,7 @@ def run_recipe(recipe: dict[str, Any], *, out: str | None = None, progress: bool
                 "provenance": json.loads(provenance.read_text()) if provenance.exists() else None,
             }
         else:
-            kind, cfg = stage_config(stage, index=index, out=run_dir, previous_model=previous, artifacts=artifacts)
-            cfg = replace(cfg, progress=progress and cfg.progress)
             summary = STAGES[kind].run(cfg)
-            artifacts[stage["name"]] = summary["final"]
             if STAGES[kind].policy:  # a reward model is not the next policy: later stages refer to it as @NAME
                 previous = summary["final"]
             record = {
@@ -233,12 +354,19 @@ def run_recipe(recipe: dict[str, Any], *, out: str | None = None, progress: bool
         "wall_s": time.perf_counter() - started,
         "final_model": previous,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
     write_report(run_dir, summary)
     return summary
 
 
-def run_demo(*, out: str = "runs/demo", from_scratch: bool = False, progress: bool = True) -> dict[str, Any]:
+def run_demo(
+    *,
+    out: str = "runs/demo",
+    from_scratch: bool = False,
+    progress: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """The quickstart: (shipped or fresh) pretrained tiny base -> SFT -> evaluation, all on the embedded default.
 
     ``from_scratch`` replaces the shipped base by a pretraining run with the settings that produced it."""
@@ -246,4 +374,4 @@ def run_demo(*, out: str = "runs/demo", from_scratch: bool = False, progress: bo
     if from_scratch:
         shipped = yaml.safe_load((RECIPES / "tiny_base.yaml").read_text())
         recipe["stages"][0] = {"name": "pretrain", **shipped}
-    return run_recipe(recipe, out=out, progress=progress)
+    return run_recipe(recipe, out=out, progress=progress, resume=resume, overwrite=overwrite)

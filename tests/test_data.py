@@ -57,8 +57,9 @@ def test_parquet_and_csv_rows(tmp_path):
     rows = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "2+2=", "completion": "4"}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     (tmp_path / "d.csv").write_text("prompt,completion\n1+1=,2\n2+2=,4\n")
-    assert load_rows(tmp_path / "d.parquet") == rows
-    assert load_rows(tmp_path / "d.csv") == rows
+    # Parquet rows are numbered from 1; CSV lines count the header line.
+    assert load_rows(tmp_path / "d.parquet") == [r | {"__line__": i} for i, r in enumerate(rows, start=1)]
+    assert load_rows(tmp_path / "d.csv") == [r | {"__line__": i} for i, r in enumerate(rows, start=2)]
 
 
 def test_completion_only_mask_prompt_completion(tokenizer):
@@ -119,7 +120,7 @@ def test_sampler_epochs_and_resume():
     s2 = ResumableSampler(4, seed=3)
     s2.load_state_dict(state)
     assert s2.take(5) == tail
-    assert state == {"epoch": 1, "offset": 2}
+    assert state == {"epoch": 1, "offset": 2, "size": 4}
 
 
 def test_builtin_task_splits_are_fixed_and_disjoint():

@@ -4,26 +4,51 @@ from __future__ import annotations
 
 import sys
 import time
-import types
 
 import pytest
 
 from posttrain.errors import ConfigError
 from posttrain.rewards import RewardError, parse_rewards, score_completions
+from posttrain.rewards.sandbox import shutdown_workers
 
 ROWS = [{"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "answer": "5", "level": 2}]
 
 
+USER_MODULE = """
+import time
+
+
+def uses_columns(completion, answer, level):
+    return float(level) * completion.strip().endswith(answer)
+
+
+def boom(completion, **kw):
+    return 1 / 0
+
+
+def nan(completion, **kw):
+    return float("nan")
+
+
+def text(completion, **kw):
+    return "high"
+
+
+def slow(completion, **kw):
+    time.sleep(2.0)
+    return 1.0
+"""
+
+
 @pytest.fixture()
-def user_module(monkeypatch):
-    mod = types.ModuleType("my_rewards")
-    mod.uses_columns = lambda completion, answer, level: float(level) * (completion.strip().endswith(answer))
-    mod.boom = lambda completion, **kw: 1 / 0
-    mod.nan = lambda completion, **kw: float("nan")
-    mod.text = lambda completion, **kw: "high"
-    mod.slow = lambda completion, **kw: time.sleep(2.0) or 1.0
-    monkeypatch.setitem(sys.modules, "my_rewards", mod)
-    return mod
+def user_module(tmp_path, monkeypatch):
+    """``my_rewards``: a user's reward module on sys.path (a real file: its functions run in a worker process)."""
+    (tmp_path / "my_rewards.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(tmp_path)
+    sys.modules.pop("my_rewards", None)
+    yield
+    sys.modules.pop("my_rewards", None)
+    shutdown_workers()
 
 
 def test_builtins_and_weights():

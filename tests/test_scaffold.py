@@ -50,7 +50,7 @@ def test_a_stage_refuses_a_flag_it_does_not_use(stage, key):
         ("sft", {"lr": -1.0}, "sft.lr: must be a positive number, got -1.0"),
         ("sft", {"replay_fraction": 0.3}, "sft.replay_data: replay_fraction=0.3 needs replay_data"),
         ("dpo", {"beta": 0.0}, "dpo.beta: must be > 0, got 0.0"),
-        ("grpo", {"group_size": 0}, "grpo.group_size: must be at least 1, got 0"),
+        ("grpo", {"group_size": 1}, "grpo.group_size: must be at least 2, got 1"),
         ("grpo", {"reward": ["correct"], "reward_weights": [1.0, 2.0]}, "grpo.reward_weights: 2 weights for 1"),
         ("grpo", {"temperature": 0.0}, "grpo.temperature: must be > 0 for RL sampling"),
         ("ppo", {"batch_prompts": 3, "samples_per_prompt": 3, "minibatches": 2}, "ppo.minibatches: 2 does not divide"),
@@ -90,6 +90,9 @@ class _Probe:
 
     def rows_per_step(self):
         return 4, 2
+
+    def training_data(self):
+        return list(range(4))
 
     def prepare(self, run):
         pass

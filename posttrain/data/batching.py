@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from posttrain.data.encode import Example
+from posttrain.errors import TrainingError
 
 
 @dataclass
@@ -111,8 +112,16 @@ class ResumableSampler:
         return out
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "offset": self.offset}
+        return {"epoch": self.epoch, "offset": self.offset, "size": self.size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        """Restore a position saved by ``state_dict``; a ``TrainingError`` if it was saved over other data (a
+        different number of examples would be a different stream, and silently so)."""
+        size, offset = int(state.get("size", self.size)), int(state["offset"])
+        if size != self.size or not 0 <= offset <= self.size:
+            was = f"over {size} rows" if "size" in state else f"at row {offset} of an epoch"
+            raise TrainingError(
+                f"resume: the checkpoint's sampler was {was}, the data now has {self.size}; resume with the same data"
+            )
+        self.epoch, self.offset = int(state["epoch"]), offset
         self._order = self._epoch_order()

@@ -4,6 +4,9 @@ Conversational rows are rendered with the tokenizer's chat template; the trained
 ranges of the rendered text and mapped onto tokens through the tokenizer's offsets, so this works for any
 fast tokenizer and any template whose rendering of a conversation's first turns is a prefix of the whole.
 
+Given ``max_length``, text that cannot reach the first ``max_length`` tokens is cut before tokenising
+(:func:`cap_row`), so a 50 MB line costs what a row of the model's length costs.
+
     >>> from posttrain.models.tiny import build_tokenizer
     >>> tok = build_tokenizer()
     >>> ex = encode_row({"prompt": "1+1=", "completion": "2"}, tok)
@@ -27,6 +30,8 @@ class Example:
 
     input_ids: list[int]
     loss_mask: list[bool]
+    capped: bool = False
+    """Text was cut before tokenising (:func:`cap_row`): the row is longer than ``max_length``."""
 
 
 @dataclass
@@ -38,22 +43,78 @@ class EncodeStats:
     reasons: list[str] = field(default_factory=list)
 
 
+# No token of the tokenizers we meet covers more characters than this on average over a text (single tokens
+# can: a run of 64 spaces or "=" signs in some vocabularies), so the first max_length tokens of a text lie in
+# its first max_length * MAX_CHARS_PER_TOKEN characters.
+MAX_CHARS_PER_TOKEN = 32
+
+# The fields a row is rendered from, in order: the first of these that the row has all of (the SFT formats of
+# rows.FORMATS, then a prompt alone).
+_RENDERINGS = (("messages",), ("prompt", "completion"), ("text",), ("prompt",))
+
+
+def _rendered(row: Row) -> tuple[str, ...]:
+    return next((keys for keys in _RENDERINGS if all(k in row for k in keys)), ())
+
+
+def cap_row(row: Row, max_length: int) -> tuple[Row, bool]:
+    """(``row`` cut to what its first ``max_length`` tokens can hold, whether anything was cut).
+
+    The texts are taken in the order they are rendered (messages in turn; prompt, then completion) and cut once
+    they total ``max_length * MAX_CHARS_PER_TOKEN`` characters, and a message list once it reaches
+    ``max_length`` messages (each renders to at least one token). ``apply_length_policy`` keeps a sequence's
+    first tokens, so the cut changes nothing that is kept; a row that was cut is longer than ``max_length``,
+    which the returned flag says (``Example.capped``), so that length_policy="drop" still drops it.
+
+        >>> cap_row({"prompt": "ab", "completion": "x" * 100}, 1)
+        ({'prompt': 'ab', 'completion': 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx'}, True)
+    """
+    left = max_length * MAX_CHARS_PER_TOKEN
+    capped = False
+
+    def cut(text: str) -> str:
+        nonlocal left, capped
+        if len(text) > left:
+            text, capped = text[:left], True
+        left -= len(text)
+        return text
+
+    out = dict(row)
+    for key in _rendered(row):
+        value = row[key]
+        if isinstance(value, str):
+            out[key] = cut(value)
+        elif isinstance(value, list):
+            if len(value) > max_length:
+                value, capped = value[:max_length], True
+            out[key] = [{**m, "content": cut(m["content"])} for m in value]
+    return out, capped
+
+
 def _render(tokenizer: Any, messages: list[dict], *, generation_prompt: bool) -> str:
+    from jinja2 import TemplateError
+
     if tokenizer.chat_template is None:
         raise DataError("tokenizer", None, "chat_template", "conversational rows need a tokenizer with a chat template")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except TemplateError as err:
+        raise DataError("chat template", None, None, f"the chat template refused the conversation ({err})") from None
 
 
-def render_prompt(row: Row, tokenizer: Any) -> str:
-    """The text a model is asked to continue for a prompt row (chat template applied to message lists)."""
-    prompt = row["prompt"]
+def render_prompt(row: Row, tokenizer: Any, *, max_length: int | None = None) -> str:
+    """The text a model is asked to continue for a prompt row (chat template applied to message lists). With
+    ``max_length``, text past what ``max_length`` tokens can hold is cut first (:func:`cap_row`): enough to
+    check the prompt's length, not to generate from."""
+    prompt = cap_row(row, max_length)[0]["prompt"] if max_length is not None else row["prompt"]
     return prompt if isinstance(prompt, str) else _render(tokenizer, prompt, generation_prompt=True)
 
 
 def _text_and_spans(row: Row, tokenizer: Any, completion_only: bool) -> tuple[str, list[tuple[int, int]], bool]:
     """(full text, trained character spans, whether the template already holds special tokens)."""
     eos = tokenizer.eos_token or ""
-    if "messages" in row:
+    rendered = _rendered(row)
+    if rendered == ("messages",):
         messages = row["messages"]
         full = _render(tokenizer, messages, generation_prompt=False)
         if not completion_only:
@@ -66,7 +127,7 @@ def _text_and_spans(row: Row, tokenizer: Any, completion_only: bool) -> tuple[st
             end = len(_render(tokenizer, messages[: i + 1], generation_prompt=False))
             spans.append((start, end))
         return full, spans, True
-    if "prompt" in row:
+    if rendered == ("prompt", "completion"):
         if isinstance(row["prompt"], list):
             completion = row["completion"]
             if isinstance(completion, str):
@@ -86,21 +147,26 @@ def _text_and_spans(row: Row, tokenizer: Any, completion_only: bool) -> tuple[st
     return text + ("" if text.endswith(eos) else eos), [(0, len(text) + len(eos))], False
 
 
-def encode_row(row: Row, tokenizer: Any, *, completion_only: bool = True) -> Example:
-    """Tokenise one validated SFT or text row (see module docstring)."""
+def encode_row(row: Row, tokenizer: Any, *, completion_only: bool = True, max_length: int | None = None) -> Example:
+    """Tokenise one validated SFT or text row (see module docstring); with ``max_length``, text that cannot
+    reach the first ``max_length`` tokens is cut first (:func:`cap_row`)."""
+    capped = False
+    if max_length is not None:
+        row, capped = cap_row(row, max_length)
     full, spans, templated = _text_and_spans(row, tokenizer, completion_only)
     enc = tokenizer(full, add_special_tokens=not templated, return_offsets_mapping=True)
     mask = []
     for start, end in enc["offset_mapping"]:
         # Special tokens added by the tokenizer (BOS) have an empty span and are never targets.
         mask.append(end > start and any(s <= start < e for s, e in spans))
-    return Example(list(enc["input_ids"]), mask)
+    return Example(list(enc["input_ids"]), mask, capped)
 
 
 def apply_length_policy(example: Example, max_length: int, policy: str, stats: EncodeStats) -> Example | None:
-    """Enforce ``max_length``: "truncate" keeps the first tokens, "drop" drops the row; a row with nothing left
-    to train on is dropped either way. Counts go to ``stats``."""
-    if len(example.input_ids) <= max_length:
+    """Enforce ``max_length``: "truncate" keeps the first tokens, "drop" drops the row (a row whose text was cut
+    before tokenising is too long, whatever its token count); a row with nothing left to train on is dropped
+    either way. Counts go to ``stats``."""
+    if len(example.input_ids) <= max_length and not example.capped:
         return example if any(example.loss_mask[1:]) else _drop(stats, "no trained tokens")
     if policy == "drop":
         return _drop(stats, f"longer than max_length={max_length}")

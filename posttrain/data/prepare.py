@@ -60,14 +60,16 @@ def prepare_examples(
     label: str = "data",
 ) -> PreparedData:
     """Load, validate, tokenise and length-check rows. Bad rows raise ``DataError`` (file, line, field) unless
-    ``skip_bad_rows``, in which case their count and reasons go to ``run_dir/bad_rows.json``."""
+    ``skip_bad_rows``, in which case their count and reasons go to ``run_dir/bad_rows.json``. Text past what
+    ``max_length`` tokens can hold is cut before tokenising (``encode.cap_row``), so memory and time stay
+    bounded by ``max_length`` whatever the length of a row."""
     name = source if isinstance(source, str) else "<rows>"
     checked = checked_rows(source, kind, skip_bad_rows=skip_bad_rows, run_dir=run_dir, label=label)
     stats = EncodeStats()
     examples = []
     for row, line in zip(checked.rows, checked.lines):
         try:
-            example = encode_row(row, tokenizer, completion_only=completion_only)
+            example = encode_row(row, tokenizer, completion_only=completion_only, max_length=max_length)
         except DataError as err:
             raise DataError(name, line, err.field, err.reason) from None
         kept = apply_length_policy(example, max_length, length_policy, stats)

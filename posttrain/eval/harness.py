@@ -26,6 +26,7 @@ from posttrain.eval.metrics import ks_up_to, pass_at_k
 from posttrain.models.loading import load_model
 from posttrain.rewards.verify import score_answer
 from posttrain.rollout import SamplingParams
+from posttrain.rundir import check_output_file, write_atomic
 from posttrain.tasks import get_task
 
 
@@ -202,6 +203,10 @@ def perplexity(model: Any, tokenizer: Any, source: str, *, max_length: int = 512
 
 def evaluate(cfg: Any) -> dict[str, Any]:
     """Load ``cfg.model``, evaluate it and write ``cfg.out`` (JSON) if given."""
+    if cfg.out:  # checked before the work, so that the results are never lost to a bad path at the end
+        check_output_file(cfg.out, key="eval.out", overwrite=cfg.overwrite)
+        if cfg.scaling:  # the curve's page goes next to the JSON
+            check_output_file(Path(cfg.out).with_suffix(".html"), key="eval.out", overwrite=cfg.overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
@@ -212,8 +217,7 @@ def evaluate(cfg: Any) -> dict[str, Any]:
         helper[0].to(resolve_device("auto"))
     result = {"model": cfg.model, **evaluate_model(model, tokenizer, cfg, helper=helper)}
     if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps(result, indent=1))
+        write_atomic(cfg.out, json.dumps(result, indent=1))
         if result.get("scaling"):  # the accuracy-vs-compute curve next to the JSON
             from posttrain.report import write_search_report
 

@@ -114,15 +114,20 @@ def load_model(spec: str, *, dtype: str = "float32", trust_remote_code: bool = F
 
 
 def save_model_dir(model: Any, tokenizer: Any, out: Path, *, state_dict: dict | None = None) -> None:
-    """Save an HF model (or PEFT adapter) with its tokenizer to ``out`` atomically (temp dir, then rename).
-    ``state_dict`` (full tensors by parameter name) replaces the model's own, e.g. weights gathered from shards."""
+    """Save an HF model (or PEFT adapter) with its tokenizer to ``out`` atomically (a fresh temp dir, then a
+    rename); the files are listed in ``.posttrain-files.json``, and an existing ``out`` is replaced only when
+    posttrain wrote all of it (``posttrain.rundir.replace_dir``). ``state_dict`` (full tensors by parameter name)
+    replaces the model's own, e.g. weights gathered from shards."""
+    from posttrain.rundir import replace_dir, temp_dir_for
+
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    kwargs = {"state_dict": state_dict} if state_dict is not None else {}
-    model.save_pretrained(tmp, safe_serialization=True, **kwargs)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    tmp = temp_dir_for(out)
+    try:
+        kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+        model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # our own temp dir, left only when saving failed

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from posttrain.errors import TrainingError
+
 MANIFEST = "MANIFEST.json"
 
 
@@ -106,13 +108,28 @@ def set_rng_state(state: dict) -> None:
 def read_checkpoint(path: Path, *, rank: int = 0) -> tuple[dict[str, torch.Tensor], dict, dict, dict]:
     """(trainable weights, optimiser state, scheduler state, trainer state) of a checkpoint; restores this rank's
     random-number state (each rank's was saved: dropout draws differ per rank)."""
-    weights = load_file(str(path / "trainable.safetensors"))
-    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
-    scheduler_state = torch.load(path / "scheduler.pt", weights_only=True)
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    ranks = rng["ranks"] if "ranks" in rng else [rng]
-    set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
-    return weights, optimizer_state, scheduler_state, json.loads((path / "trainer_state.json").read_text())
+    name = "trainable.safetensors"
+    try:
+        weights = load_file(str(path / name))
+        name = "optimizer.pt"
+        optimizer_state = torch.load(path / name, weights_only=True)
+        name = "scheduler.pt"
+        scheduler_state = torch.load(path / name, weights_only=True)
+        name = "rng.pt"
+        rng = torch.load(path / name, weights_only=True)
+        ranks = rng["ranks"] if "ranks" in rng else [rng]
+        set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
+        name = "trainer_state.json"
+        state = json.loads((path / name).read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no step recorded")
+    except Exception as err:  # noqa: BLE001 - whatever a damaged file makes the readers raise
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise TrainingError(
+            f"{path / name}: corrupt checkpoint ({reason}); delete {path} to resume from the one before it, or start"
+            " over with --overwrite"
+        ) from None
+    return weights, optimizer_state, scheduler_state, state
 
 
 def _as_tuple(value: Any) -> Any:

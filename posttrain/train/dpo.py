@@ -16,19 +16,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from posttrain.data.batching import ResumableSampler, pack
 from posttrain.data.encode import EncodeStats, Example, apply_length_policy, encode_row
 from posttrain.data.prepare import checked_rows
 from posttrain.distributed import DistContext
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, DataError
 from posttrain.losses.logprobs import token_logps
 from posttrain.losses.preference import PAIRED_LOSSES, REFERENCE_FREE, kto_loss, kto_reference_point
 from posttrain.losses.reduce import row_mean
 from posttrain.models.varlen import packed_attention
+from posttrain.rundir import save_tensors_atomic
 from posttrain.train.policy import default_eval_data, model_for_training
-from posttrain.train.scaffold import Run, Stage, even_chunks, run_stage
+from posttrain.train.scaffold import Run, Stage, even_chunks, fingerprint, model_fingerprint, run_stage
 
 
 def encode_pairs(
@@ -42,11 +44,16 @@ def encode_pairs(
     )
     stats = EncodeStats()
     items, labels = [], []
-    for row in checked.rows:
+    for row, line in zip(checked.rows, checked.lines):
         keys = ("completion",) if kto else ("chosen", "rejected")
         examples = []
         for key in keys:
-            example = encode_row({"prompt": row["prompt"], "completion": row[key]}, tokenizer)
+            try:
+                example = encode_row(
+                    {"prompt": row["prompt"], "completion": row[key]}, tokenizer, max_length=cfg.max_length
+                )
+            except DataError as err:
+                raise DataError(name, line, err.field, err.reason) from None
             example = apply_length_policy(example, cfg.max_length, cfg.length_policy, stats)
             if example is None:
                 break
@@ -171,31 +178,41 @@ class DPOStage(Stage):
             )
         self.ref = self.eval_ref = None
         if cfg.loss not in REFERENCE_FREE:
-            path = Path(cfg.out) / "reference_logps.safetensors"
-            if cfg.resume and path.is_file():
-                saved = load_file(str(path))
-                self.ref, self.eval_ref = saved["train"], saved.get("eval")
-                # A resumed run may go further (a larger max_steps): compute the rows it has not seen yet.
-                needed = visited_rows(len(self.items), cfg, ctx)
-                missing = [i for i in needed if math.isnan(float(self.ref[i, 0]))]
-                if ctx.sum(len(missing))[0]:
-                    extra = shared_reference(model, self.items, cfg, ctx, missing)
-                    self.ref = torch.where(torch.isnan(self.ref), extra, self.ref)
-                    if ctx.is_main:
-                        save_file({**saved, "train": self.ref}, str(path))
-            else:
-                # Only the rows this run will visit (each rank its own share), before any sharding of the model.
-                self.ref = shared_reference(model, self.items, cfg, ctx, visited_rows(len(self.items), cfg, ctx))
-                if self.eval_items:
-                    mine = ctx.shard(list(range(len(self.eval_items))))
-                    self.eval_ref = shared_reference(model, self.eval_items, cfg, ctx, mine)
-                if ctx.is_main:
-                    tensors = {"train": self.ref, **({"eval": self.eval_ref} if self.eval_ref is not None else {})}
-                    save_file(tensors, str(path))
+            self._reference(model, cfg, ctx)
         return model, tokenizer
+
+    def _reference(self, model: Any, cfg: Any, ctx: DistContext) -> None:
+        """Reference log-probs from the run directory's cache when it was computed from this starting model and
+        this data (its key says so), else computed; the cache is written atomically (rank 0)."""
+        path = Path(cfg.out) / "reference_logps.safetensors"
+        key = fingerprint([model_fingerprint(model), self.items, self.eval_items, bool(cfg.lora_rank)])
+        saved = cached_reference(path, key)
+        needed = visited_rows(len(self.items), cfg, ctx)
+        if saved is not None and "train" in saved:
+            self.ref, self.eval_ref = saved["train"], saved.get("eval")
+            # A resumed run may go further (a larger max_steps): compute the rows it has not seen yet.
+            missing = [i for i in needed if math.isnan(float(self.ref[i, 0]))]
+            total_missing = ctx.sum(len(missing))[0]  # every rank takes the same branch (collectives inside)
+            if not total_missing and (self.eval_ref is not None or not self.eval_items):
+                return
+            if total_missing:
+                extra = shared_reference(model, self.items, cfg, ctx, missing)
+                self.ref = torch.where(torch.isnan(self.ref), extra, self.ref)
+        else:
+            # Only the rows this run will visit (each rank its own share), before any sharding of the model.
+            self.ref = shared_reference(model, self.items, cfg, ctx, needed)
+        if self.eval_items and self.eval_ref is None:
+            mine = ctx.shard(list(range(len(self.eval_items))))
+            self.eval_ref = shared_reference(model, self.eval_items, cfg, ctx, mine)
+        if ctx.is_main:
+            tensors = {"train": self.ref, **({"eval": self.eval_ref} if self.eval_ref is not None else {})}
+            save_tensors_atomic(tensors, path, {"key": key})
 
     def rows_per_step(self) -> tuple[int, int]:
         return len(self.items), self.cfg.batch_size
+
+    def training_data(self) -> Any:
+        return self.items, self.labels
 
     def _loss(self, model: Any, part: list[int], z: float | None) -> tuple[torch.Tensor, dict]:
         ref = None if self.ref is None else self.ref[part]
@@ -280,6 +297,20 @@ class DPOStage(Stage):
 def run_dpo(cfg: Any, *, stop_after: int | None = None) -> dict[str, Any]:
     """Run preference optimisation and write the run directory; returns the summary."""
     return run_stage(DPOStage(cfg), stop_after=stop_after)
+
+
+def cached_reference(path: Path, key: str) -> dict[str, torch.Tensor] | None:
+    """The cached reference log-probs at ``path`` if they were computed for ``key`` (model and data), else None
+    (absent, unreadable, or from another model or data: then they are recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                return None
+            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no iteration
+    except Exception:  # noqa: BLE001 - a corrupt cache is recomputed, whatever safetensors raises
+        return None
 
 
 def load_reference(run_dir: Path) -> dict[str, torch.Tensor]:

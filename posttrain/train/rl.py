@@ -16,20 +16,25 @@ from posttrain.data.encode import render_prompt
 from posttrain.data.rows import load_rows, validate_rows
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval.harness import heldout_accuracy
-from posttrain.rewards import parse_rewards
+from posttrain.rewards import check_reward_columns, parse_rewards
 from posttrain.rewards.verify import score_answer
 from posttrain.rollout.factory import make_engine
 from posttrain.train.policy import model_for_training
 from posttrain.train.scaffold import Stage
 
 
-def prompt_rows(cfg: Any, tokenizer: Any, stage: str) -> tuple[list[dict], int]:
-    """The prompt rows that fit ``max_length`` (others dropped and counted); gold-only columns removed."""
-    rows = validate_rows(load_rows(cfg.data), "prompt", source=cfg.data, skip_bad_rows=False).rows
+def prompt_rows(cfg: Any, tokenizer: Any, stage: str, specs: list | None = None) -> tuple[list[dict], int]:
+    """The prompt rows that fit ``max_length`` (others dropped and counted); gold-only columns removed. With
+    ``specs``, a reward that needs a column the rows lack (``correct`` without ``answer``) is an error here."""
+    checked = validate_rows(load_rows(cfg.data), "prompt", source=cfg.data, skip_bad_rows=False)
+    if specs:
+        check_reward_columns(specs, checked.rows, cfg.data, lines=checked.lines)
+    rows = checked.rows
     kept = [
         r
         for r in rows
-        if len(tokenizer(render_prompt(r, tokenizer), add_special_tokens=False)["input_ids"]) <= cfg.max_length
+        if len(tokenizer(render_prompt(r, tokenizer, max_length=cfg.max_length), add_special_tokens=False)["input_ids"])
+        <= cfg.max_length
     ]
     if not kept:
         raise ConfigError(f"{stage}.max_length: all {len(rows)} prompts are longer than {cfg.max_length} tokens")
@@ -141,7 +146,7 @@ class RLStage(Stage):
             )
         self.specs = parse_rewards(cfg.reward, cfg.reward_weights)
         policy, tokenizer = model_for_training(cfg, ctx.device)
-        self.rows, self.dropped = prompt_rows(cfg, tokenizer, self.name)
+        self.rows, self.dropped = prompt_rows(cfg, tokenizer, self.name, self.specs)
         self.eval_rows = heldout_rows(cfg, self.name)
         self.reference = make_reference(policy, cfg)
         self.engines = Engines(cfg, policy, tokenizer, ctx)
@@ -149,6 +154,9 @@ class RLStage(Stage):
 
     def rows_per_step(self) -> tuple[int, int]:
         return len(self.rows), self.cfg.batch_prompts
+
+    def training_data(self) -> Any:
+        return self.rows
 
     def evaluate(self, run: Any) -> dict[str, float]:
         return heldout(self.engines, self.eval_rows, run.ctx, self.cfg.max_new_tokens)

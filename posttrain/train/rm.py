@@ -36,12 +36,17 @@ def encode_pairs(
     stats = EncodeStats()
     pairs, margins = [], []
     for row, line in zip(checked.rows, checked.lines):
-        margin = row.get("margin", 0.0)
+        margin = row.get("margin")
+        margin = 0.0 if margin is None else margin  # a null margin (Parquet, CSV) is no margin
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
             raise DataError(name, line, "margin", f"expected a finite number, got {margin!r}")
         encoded = []
         for key in ("chosen", "rejected"):
-            example = encode_row({"prompt": row["prompt"], "completion": row[key]}, tokenizer, completion_only=False)
+            pair_row = {"prompt": row["prompt"], "completion": row[key]}
+            try:
+                example = encode_row(pair_row, tokenizer, completion_only=False, max_length=cfg.max_length)
+            except DataError as err:
+                raise DataError(name, line, err.field, err.reason) from None
             encoded.append(apply_length_policy(example, cfg.max_length, "drop", stats))
         if None not in encoded:
             pairs.append((encoded[0], encoded[1]))
@@ -78,6 +83,9 @@ class RMStage(Stage):
 
     def rows_per_step(self) -> tuple[int, int]:
         return len(self.pairs), self.cfg.batch_size
+
+    def training_data(self) -> Any:
+        return self.pairs, self.margins
 
     def step(self, run: Run, indices: list[int], step: int) -> dict[str, Any]:
         mine = run.ctx.shard(indices)

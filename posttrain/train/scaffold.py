@@ -18,6 +18,8 @@ of the full batch), and rank 0 alone writes the run directory.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import time
@@ -44,6 +46,7 @@ from posttrain.distributed import (
     peak_memory_mb,
 )
 from posttrain.errors import ConfigError, TrainingError
+from posttrain.rundir import RunDir, check_run_dir, claim, write_atomic
 from posttrain.train.checkpoint import latest_checkpoint, read_checkpoint, rng_state, write_checkpoint
 from posttrain.train.metrics import MetricsLog
 
@@ -88,6 +91,11 @@ class Stage:
     def summary(self, run: Run) -> dict[str, Any]:
         """Stage-specific summary fields."""
         return {}
+
+    def training_data(self) -> Any:
+        """What the stage trains on (examples, pairs, prompt rows), fingerprinted into every checkpoint so that a
+        resume on different data is refused."""
+        raise NotImplementedError
 
     def extra_state(self) -> dict[str, Any]:
         return {}
@@ -226,17 +234,116 @@ def step_scheduler(scheduler: Any) -> float:
     return lr
 
 
-def prepare_run_dir(cfg: Any, stage: str, ctx: DistContext) -> Path:
-    """The run directory with the resolved ``config.yaml`` (written by rank 0)."""
+# Keys that may differ between a checkpoint and the run resuming it: how long to go on and how to watch it, not
+# what is trained (README, "Reliability"). The learning-rate schedule is recomputed over the new max_steps.
+RESUMABLE_KEYS = frozenset(
+    {
+        "out",
+        "max_steps",
+        "save_every",
+        "keep_checkpoints",
+        "eval_every",
+        "log_every",
+        "resume",
+        "overwrite",
+        "progress",
+        "max_bad_steps",
+        "threads",
+        "device",
+        "eval_data",
+        "eval_limit",
+        "reward_timeout_s",
+        "reward_on_error",
+    }
+)
+
+
+def prepare_run_dir(cfg: Any, stage: str, ctx: DistContext) -> RunDir:
+    """Claim the run directory (refused if it holds a run and neither resume nor overwrite says what to do;
+    locked against a second run) and write the resolved ``config.yaml`` (rank 0)."""
     if not cfg.out:
         raise ConfigError(f"{stage}.out: a run directory is required (--out DIR)")
-    run_dir = Path(cfg.out)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        resolved = {"stage": stage, "world_size": ctx.world, **to_dict(cfg)}
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    key = f"{stage}.out"
+    check_run_dir(cfg.out, key=key, resume=cfg.resume, overwrite=cfg.overwrite)  # every rank, before any writes
     ctx.barrier()
-    return run_dir
+    run = claim(cfg.out, key=key, resume=cfg.resume, overwrite=cfg.overwrite, lock=ctx.is_main)
+    if ctx.is_main:
+        resolved = {"stage": stage, "world_size": ctx.world, **to_dict(cfg)}
+        write_atomic(run.path / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    ctx.barrier()
+    return run
+
+
+def fingerprint(obj: Any) -> str:
+    """A short content hash of what a stage trains on (examples, rows, pairs): equal data, equal hash."""
+    digest = hashlib.sha256()
+    _feed(digest, obj)
+    return digest.hexdigest()[:20]
+
+
+def _feed(digest: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        digest.update(repr((obj.dtype, tuple(obj.shape))).encode())
+        digest.update(obj.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, (list, tuple)):
+        digest.update(f"[{len(obj)}".encode())
+        if obj and all(type(x) is int for x in obj[:8]) and all(type(x) is int for x in obj):
+            digest.update(repr(obj).encode())
+        else:
+            for item in obj:
+                _feed(digest, item)
+    elif isinstance(obj, dict):
+        digest.update(f"{{{len(obj)}".encode())
+        for k in sorted(obj, key=str):
+            digest.update(str(k).encode())
+            _feed(digest, obj[k])
+    elif hasattr(obj, "__dataclass_fields__"):
+        digest.update(type(obj).__name__.encode())
+        for name in obj.__dataclass_fields__:
+            _feed(digest, getattr(obj, name))
+    else:
+        digest.update(repr(obj).encode())
+
+
+def model_fingerprint(module: torch.nn.Module) -> str:
+    """A hash of the starting weights (each tensor's name, shape and, for large tensors, a strided sample and the
+    sum: a different checkpoint differs there, and hashing every byte of a 7 B model would take seconds)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        if flat.numel() > 65536:
+            flat = torch.cat([flat[:: flat.numel() // 65536][:65536], flat.float().sum().reshape(1).to(flat.dtype)])
+        digest.update(name.encode())
+        _feed(digest, flat.cpu())
+    return digest.hexdigest()[:20]
+
+
+def run_fingerprint(cfg: Any, stage: Stage, module: torch.nn.Module) -> dict[str, Any]:
+    """What a checkpoint records so that ``--resume`` can refuse a different config, data or starting model."""
+    config = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_KEYS}
+    return {"config": config, "data": fingerprint(stage.training_data()), "model": model_fingerprint(module)}
+
+
+def check_fingerprint(saved: dict[str, Any] | None, now: dict[str, Any], checkpoint: Path, stage: str) -> None:
+    """Refuse to resume ``checkpoint`` when the config, the data or the starting model changed; the message names
+    every changed key."""
+    if not saved:
+        return  # written before fingerprints existed
+    changed = [
+        f"{k} {saved['config'].get(k)!r} -> {now['config'].get(k)!r}"
+        for k in sorted(set(saved["config"]) | set(now["config"]))
+        if saved["config"].get(k) != now["config"].get(k)
+    ]
+    if saved.get("data") != now["data"]:
+        changed.append("the training data (its content differs from what the checkpoint trained on)")
+    if saved.get("model") != now["model"] and not any(c.startswith("model ") for c in changed):
+        changed.append("the starting model's weights")
+    if changed:
+        raise ConfigError(
+            f"{stage}.resume: {checkpoint} was trained with a different setup: {'; '.join(changed)}. Resume with the"
+            f" same settings (may change: {', '.join(sorted(RESUMABLE_KEYS - {'out', 'resume', 'overwrite'}))}),"
+            " or start a new run (--overwrite or another --out)"
+        )
 
 
 @contextmanager
@@ -256,16 +363,20 @@ def run_stage(stage: Stage, *, stop_after: int | None = None) -> dict[str, Any]:
     ``stop_after`` returns right after that step, as if the process had died there (for resume tests)."""
     cfg = stage.cfg
     ctx = init(cfg.device)
-    with _threads(cfg.threads):
-        return _run(stage, cfg, ctx, stop_after)
+    claimed = prepare_run_dir(cfg, stage.name, ctx)
+    try:
+        with _threads(cfg.threads):
+            return _run(stage, cfg, ctx, claimed.path, stop_after)
+    finally:
+        claimed.release()
 
 
-def _run(stage: Stage, cfg: Any, ctx: DistContext, stop_after: int | None) -> dict[str, Any]:
-    run_dir = prepare_run_dir(cfg, stage.name, ctx)
+def _run(stage: Stage, cfg: Any, ctx: DistContext, run_dir: Path, stop_after: int | None) -> dict[str, Any]:
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     module, tokenizer = stage.build(ctx)
+    stamp = run_fingerprint(cfg, stage, module)
     module.to(ctx.device)
     module.train()
     run = Run(cfg, ctx, Parallel(module, ctx, fsdp=cfg.fsdp), tokenizer, run_dir)
@@ -278,9 +389,12 @@ def _run(stage: Stage, cfg: Any, ctx: DistContext, stop_after: int | None) -> di
     state = {"step": 0, "skipped_steps": 0, "bad_in_row": 0, "tokens": 0, "sampler": sampler.state_dict()}
     state["world_size"] = ctx.world
     state["stage"] = stage.extra_state()
+    state["fingerprint"] = stamp
     checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
     if checkpoint is not None:
         state = restore(checkpoint, run, scheduler, ctx)
+        check_fingerprint(state.get("fingerprint"), stamp, checkpoint, stage.name)
+        state["fingerprint"] = stamp  # a longer max_steps etc. is recorded from now on
         sampler.load_state_dict(state["sampler"])
         stage.load_extra_state(state["stage"])
         log.truncate_after(state["step"])
@@ -373,9 +487,7 @@ def _run(stage: Stage, cfg: Any, ctx: DistContext, stop_after: int | None) -> di
     }
     summary = ctx.all_gather_objects(summary)[0]  # rank 0 read the metrics: every rank returns its summary
     if ctx.is_main:
-        import json
-
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
 
 

@@ -60,6 +60,9 @@ class LMStage(Stage):
         self.data: PreparedData | None = None
         self.replayed = 0
 
+    def training_data(self) -> Any:
+        return self.examples
+
     def build(self, ctx: DistContext) -> tuple[Any, Any]:
         cfg = self.cfg
         if self.model is None:
