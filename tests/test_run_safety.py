@@ -4,6 +4,7 @@ checkpoints, whole-recipe validation and user errors as one line (issue 10)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,6 @@ from safetensors import safe_open
 
 from posttrain.cli import main
 from posttrain.errors import ConfigError
-from posttrain.rundir import claim
 
 FAST = ["--max-steps", "1", "--batch-size", "2", "--no-progress", "--model", "builtin:tiny-base"]
 
@@ -120,6 +120,8 @@ def test_resume_refuses_a_different_config_or_data_and_names_it(tmp_path, sft_da
 
 
 def test_a_second_run_on_a_locked_out_is_refused(tmp_path, sft_data, capsys):
+    from posttrain.rundir import claim
+
     out = tmp_path / "run"
     held = claim(out, key="other")  # another run holds the directory
     try:
@@ -276,3 +278,28 @@ def test_a_reward_that_needs_a_missing_column_stops_before_training(tmp_path, ca
     recipe = write_recipe(tmp_path, [{"name": "grpo", "data": str(data), "reward": ["correct"]}])
     code, _, err = run_cli(capsys, "run", recipe)
     assert code == 2 and "stages[0](grpo)" in err and "needs column 'answer'" in one_error_line(err)
+
+
+def test_grpo_goes_on_past_a_stuck_reward_under_zero(tmp_path, capsys, monkeypatch):
+    # The third call of each worker never returns: it is killed after the timeout, scored 0 and counted, and a
+    # fresh worker scores the rest; the step completes.
+    (tmp_path / "stuck_once.py").write_text(
+        "import time\ncalls = 0\n\ndef reward(completion, **_):\n    global calls\n    calls += 1\n"
+        "    if calls == 3:\n        time.sleep(10**6)\n    return 1.0\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from posttrain.rewards import sandbox
+
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(4)))
+    args = ["grpo", "--data", data, "--eval-data", data, "--out", tmp_path / "g", "--reward", "stuck_once:reward"]
+    args += ["--batch-prompts", "2", "--group-size", "2", "--max-new-tokens", "4", "--max-steps", "1"]
+    args += ["--reward-timeout-s", "1", "--reward-on-error", "zero", "--no-progress"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    metrics = [json.loads(x) for x in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    step = next(m for m in metrics if m.get("step") == 1)
+    assert step["reward_failures"] == 1 and step["reward_mean"] == 0.75
+    sandbox.shutdown_workers()
+    tasks = Path(f"/proc/{os.getpid()}/task")
+    assert [c for t in tasks.iterdir() for c in (t / "children").read_text().split()] == []  # none left, no zombie

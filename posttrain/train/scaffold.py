@@ -266,7 +266,8 @@ def prepare_run_dir(cfg: Any, stage: str, ctx: DistContext) -> RunDir:
     key = f"{stage}.out"
     check_run_dir(cfg.out, key=key, resume=cfg.resume, overwrite=cfg.overwrite)  # every rank, before any writes
     ctx.barrier()
-    run = claim(cfg.out, key=key, resume=cfg.resume, overwrite=cfg.overwrite, lock=ctx.is_main)
+    # Rank 0 alone claims (locks, removes an overwritten run, marks); the others only checked, before its writes.
+    run = claim(cfg.out, key=key, resume=cfg.resume, overwrite=cfg.overwrite) if ctx.is_main else RunDir(Path(cfg.out))
     if ctx.is_main:
         resolved = {"stage": stage, "world_size": ctx.world, **to_dict(cfg)}
         write_atomic(run.path / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))

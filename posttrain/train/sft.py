@@ -12,7 +12,7 @@ batch, so micro-batches and ranks add up to the gradient of the full batch.
     >>> cfg = build_config(SFTConfig, {"out": out, "max_steps": 2, "batch_size": 2, "progress": False,
     ...                                "lr": 1e-3}, path="sft")
     >>> summary = run_sft(cfg)
-    >>> summary["steps"], sorted(p.name for p in Path(out).iterdir())
+    >>> summary["steps"], sorted(p.name for p in Path(out).iterdir() if not p.name.startswith("."))
     (2, ['checkpoints', 'config.yaml', 'final', 'metrics.jsonl', 'summary.json'])
 """
 
