@@ -276,34 +276,22 @@ def prepare_run_dir(cfg: Any, stage: str, ctx: DistContext) -> RunDir:
 
 
 def fingerprint(obj: Any) -> str:
-    """A short content hash of what a stage trains on (examples, rows, pairs): equal data, equal hash."""
-    digest = hashlib.sha256()
-    _feed(digest, obj)
-    return digest.hexdigest()[:20]
+    """A short content hash of what a stage trains on (examples, rows, pairs): equal data, equal hash.
+
+    >>> fingerprint([{"prompt": "1+1=", "answer": "2"}]) == fingerprint([{"answer": "2", "prompt": "1+1="}])
+    True
+    """
+    text = json.dumps(obj, sort_keys=True, default=_plain, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def _feed(digest: Any, obj: Any) -> None:
+def _plain(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
-        digest.update(repr((obj.dtype, tuple(obj.shape))).encode())
-        digest.update(obj.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(obj, (list, tuple)):
-        digest.update(f"[{len(obj)}".encode())
-        if obj and all(type(x) is int for x in obj[:8]) and all(type(x) is int for x in obj):
-            digest.update(repr(obj).encode())
-        else:
-            for item in obj:
-                _feed(digest, item)
-    elif isinstance(obj, dict):
-        digest.update(f"{{{len(obj)}".encode())
-        for k in sorted(obj, key=str):
-            digest.update(str(k).encode())
-            _feed(digest, obj[k])
-    elif hasattr(obj, "__dataclass_fields__"):
-        digest.update(type(obj).__name__.encode())
-        for name in obj.__dataclass_fields__:
-            _feed(digest, getattr(obj, name))
-    else:
-        digest.update(repr(obj).encode())
+        raw = obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        return {"tensor": [str(obj.dtype), list(obj.shape), hashlib.sha256(raw).hexdigest()]}
+    if hasattr(obj, "__dataclass_fields__"):
+        return {name: getattr(obj, name) for name in obj.__dataclass_fields__}
+    return repr(obj)
 
 
 def model_fingerprint(module: torch.nn.Module) -> str:
@@ -314,8 +302,8 @@ def model_fingerprint(module: torch.nn.Module) -> str:
         flat = tensor.detach().reshape(-1)
         if flat.numel() > 65536:
             flat = torch.cat([flat[:: flat.numel() // 65536][:65536], flat.float().sum().reshape(1).to(flat.dtype)])
-        digest.update(name.encode())
-        _feed(digest, flat.cpu())
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:20]
 
 
