@@ -303,3 +303,21 @@ def test_grpo_goes_on_past_a_stuck_reward_under_zero(tmp_path, capsys, monkeypat
     sandbox.shutdown_workers()
     tasks = Path(f"/proc/{os.getpid()}/task")
     assert [c for t in tasks.iterdir() for c in (t / "children").read_text().split()] == []  # none left, no zombie
+
+
+def test_a_recipe_resumes_or_overwrites_as_a_whole(tmp_path, sft_data, capsys):
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    stage = {"name": "sft", "data": str(sft_data), "max_steps": 2, "batch_size": 2, "progress": False}
+    suite = {"tasks": ["arithmetic"], "limit": 2, "max_new_tokens": 4}
+    recipe.write_text(yaml.safe_dump({"out": str(tmp_path / "out"), "evaluate": suite, "stages": [stage]}))
+    assert run_cli(capsys, "run", recipe, "--no-progress")[0] == 0
+    code, _, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 2 and "run.out:" in one_error_line(err) and "already holds a run" in err
+    assert run_cli(capsys, "run", recipe, "--no-progress", "--resume")[0] == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["stages"][0]["train"]["resumed_from"] == 2  # nothing trained twice
+    assert run_cli(capsys, "run", recipe, "--no-progress", "--overwrite")[0] == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["stages"][0]["train"]["resumed_from"] is None
