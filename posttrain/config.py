@@ -50,16 +50,41 @@ class ModelArgs:
 
 @dataclass(frozen=True)
 class LoraArgs:
-    lora_rank: int = opt(0, "LoRA rank; 0 = full fine-tune")
+    peft: Literal["auto", "none", "lora", "dora", "rslora", "ia3"] = opt(
+        "auto",
+        "parameter-efficient method through peft: lora, dora (weight-decomposed LoRA), rslora (rank-stabilised"
+        " scaling), ia3 (learned activation scales); none = full fine-tune; auto = lora when lora_rank > 0, else none",
+    )
+    lora_rank: int = opt(0, "LoRA/DoRA/rsLoRA rank (0 with peft auto = full fine-tune; 0 with a LoRA method = 8)")
     lora_alpha: float = opt(16.0, "LoRA scaling alpha")
     lora_dropout: float = opt(0.0, "dropout on the LoRA input")
-    lora_targets: list[str] = opt([], "module names to adapt; empty = every linear layer but the output head")
+    lora_targets: list[str] = opt(
+        [], "module names to adapt; empty = every linear layer but the output head (ia3: peft's per-model default)"
+    )
 
     def validate(self) -> Iterator[tuple[str, str]]:
         if self.lora_rank < 0:
             yield "lora_rank", f"must be >= 0, got {self.lora_rank}"
         if not 0 <= self.lora_dropout < 1:
             yield "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}"
+        if self.peft in ("none", "ia3") and self.lora_rank:
+            yield "lora_rank", f"peft {self.peft!r} has no rank; drop lora_rank={self.lora_rank} or pick a LoRA method"
+
+
+LORA_METHODS = ("lora", "dora", "rslora")
+DEFAULT_LORA_RANK = 8
+
+
+def adapter_method(cfg: Any) -> str | None:
+    """The peft method a config trains (``lora``, ``dora``, ``rslora``, ``ia3``), or None for full fine-tuning.
+
+    >>> adapter_method(build_config(SFTConfig, {"lora_rank": 4}, path="sft")), adapter_method(SFTConfig())
+    ('lora', None)
+    """
+    method = getattr(cfg, "peft", "auto")
+    if method == "auto":
+        return "lora" if getattr(cfg, "lora_rank", 0) else None
+    return None if method == "none" else method
 
 
 @dataclass(frozen=True)

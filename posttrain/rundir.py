@@ -45,7 +45,7 @@ FILES = ".posttrain-files.json"
 # per-split bad-row reports and reference caches.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "report.html", "recipe.yaml")
 RUN_PATTERNS = ("bad_rows*.json", "reference_logps*.safetensors")
-RUN_DIRS = ("checkpoints", "final")
+RUN_DIRS = ("checkpoints", "final", "base")
 
 
 @dataclass
@@ -79,9 +79,9 @@ def check_run_dir(path: str | Path, *, key: str, resume: bool = False, overwrite
     if not entries:
         return path
     if resume:
-        final = path / "final"
-        if final.exists():
-            _check_owned_model_dir(final, key)
+        for name in ("final", "base"):
+            if (path / name).exists():
+                _check_owned_model_dir(path / name, key)
         return path
     if not overwrite:
         names = ", ".join(e.name + ("/" if e.is_dir() else "") for e in entries)
@@ -95,7 +95,7 @@ def check_run_dir(path: str | Path, *, key: str, resume: bool = False, overwrite
             " replaces a posttrain run directory: move them away or choose another --out"
         )
     for entry in entries:
-        if entry.name == "final":
+        if entry.name in ("final", "base"):
             _check_owned_model_dir(entry, key)
         elif entry.name == "checkpoints":
             _check_checkpoints(entry, key)

@@ -18,16 +18,51 @@ from typing import Any
 
 def add_lora(model: Any, *, rank: int, alpha: float = 16.0, dropout: float = 0.0, targets: Sequence[str] = ()) -> Any:
     """Wrap ``model`` in a ``peft`` LoRA model; only adapter weights stay trainable."""
-    from peft import LoraConfig, TaskType, get_peft_model
+    return add_adapters(model, "lora", rank=rank, alpha=alpha, dropout=dropout, targets=targets)
 
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=list(targets) if targets else "all-linear",
-        task_type=TaskType.CAUSAL_LM,
-    )
+
+def add_adapters(
+    model: Any,
+    method: str,
+    *,
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    targets: Sequence[str] = (),
+) -> Any:
+    """Wrap ``model`` in a ``peft`` model of ``method``: ``lora``, ``dora`` (LoRA with a learned magnitude per
+    output, Liu et al. 2024), ``rslora`` (LoRA scaled by alpha/sqrt(r), Kalajdzievski 2023) or ``ia3`` (learned
+    rescaling of keys, values and the MLP's inner activations, Liu et al. 2022). Only adapter weights train.
+
+    >>> from posttrain.models.tiny import build_model, build_tokenizer
+    >>> ia3 = add_adapters(build_model(build_tokenizer()), "ia3")
+    >>> sorted({n.split(".")[-2] for n, p in ia3.named_parameters() if p.requires_grad})
+    ['ia3_l']
+    """
+    from peft import IA3Config, LoraConfig, TaskType, get_peft_model
+
+    if method in ("lora", "dora", "rslora"):
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=list(targets) if targets else "all-linear",
+            use_dora=method == "dora",
+            use_rslora=method == "rslora",
+            task_type=TaskType.CAUSAL_LM,
+        )
+    elif method == "ia3":
+        kwargs: dict[str, Any] = {}
+        if targets:  # feed-forward modules scale their input, the others their output (peft's convention)
+            kwargs = {"target_modules": list(targets), "feedforward_modules": [t for t in targets if t in FEEDFORWARD]}
+        config = IA3Config(task_type=TaskType.CAUSAL_LM, **kwargs)
+    else:
+        raise ValueError(f"unknown peft method {method!r}")
     return get_peft_model(model, config)
+
+
+# Module names that are the input side of an MLP's down projection in common architectures (for ia3 targets).
+FEEDFORWARD = ("down_proj", "fc2", "c_proj", "mlp.c_proj", "w2", "dense_4h_to_h")
 
 
 def merge_adapter(base: str, adapter: str, out: str | Path, *, dtype: str = "float32") -> Path:

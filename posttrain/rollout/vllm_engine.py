@@ -213,7 +213,7 @@ def _plain_parameters(model: Any, *, peft: bool) -> list[tuple[str, Tensor]]:
     out = []
     for name, p in model.named_parameters():
         if peft:
-            if "lora_" in name or "original_module" in name:
+            if "lora_" in name or "ia3_" in name or "original_module" in name:
                 continue  # adapter weights are merged into the base ones; vLLM has no such parameters
             name = name.removeprefix("base_model.model.").replace(".base_layer", "")
             name = name.replace("modules_to_save.default.", "")

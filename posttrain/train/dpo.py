@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from posttrain.config import adapter_method
 from posttrain.data.batching import ResumableSampler, pack
 from posttrain.data.encode import EncodeStats, Example, apply_length_policy, encode_row
 from posttrain.data.prepare import checked_rows
@@ -91,7 +92,7 @@ def reference_logps(
     model.eval()
     rows = list(range(len(items))) if rows is None else rows
     out = torch.full((len(items), len(items[0])), math.nan)
-    adapters_off = model.disable_adapter() if cfg.lora_rank else nullcontext()
+    adapters_off = model.disable_adapter() if adapter_method(cfg) else nullcontext()
     with adapters_off:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
@@ -185,7 +186,7 @@ class DPOStage(Stage):
         """Reference log-probs from the run directory's cache when it was computed from this starting model and
         this data (its key says so), else computed; the cache is written atomically (rank 0)."""
         path = Path(cfg.out) / "reference_logps.safetensors"
-        key = fingerprint([model_fingerprint(model), self.items, self.eval_items, bool(cfg.lora_rank)])
+        key = fingerprint([model_fingerprint(model), self.items, self.eval_items, adapter_method(cfg)])
         saved = cached_reference(path, key)
         needed = visited_rows(len(self.items), cfg, ctx)
         if saved is not None and "train" in saved:

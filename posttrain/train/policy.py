@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from posttrain.models.loading import load_model
-from posttrain.models.lora import add_lora
+from posttrain.config import DEFAULT_LORA_RANK, adapter_method
+from posttrain.models.loading import load_model, save_model_dir
+from posttrain.models.lora import add_adapters
 
 FRESH_MODELS = {"builtin:tiny": "tiny", "builtin:small": "small"}
 
 
 def model_for_training(cfg: Any, device: torch.device) -> tuple[Any, Any]:
     """(model, tokenizer) for ``cfg.model``: an HF dir, an adapter dir (merged into its base and trained on), a
-    builtin, or a fresh random model (``builtin:tiny``/``builtin:small``); LoRA-wrapped when ``cfg.lora_rank``."""
+    builtin, or a fresh random model (``builtin:tiny``/``builtin:small``); wrapped in peft adapters when the
+    config asks for a peft method (:func:`posttrain.config.adapter_method`).
+
+    Adapters trained on top of an earlier adapter stage would name the raw base in their ``adapter_config.json``
+    and silently drop the earlier stage when loaded; so the merged base is saved to ``OUT/base/`` (rank 0) and the
+    new adapters name it: the result loads as trained."""
     torch.manual_seed(cfg.seed)
+    stacked = False
     if cfg.model in FRESH_MODELS:
         from posttrain.models.tiny import build_model, build_tokenizer
 
@@ -27,10 +36,18 @@ def model_for_training(cfg: Any, device: torch.device) -> tuple[Any, Any]:
         model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
         if hasattr(model, "merge_and_unload"):  # an adapter dir: train on base + adapter merged
             model = model.merge_and_unload()
+            stacked = True
+    method = adapter_method(cfg)
+    if method is not None and stacked and cfg.out:
+        base = Path(cfg.out) / "base"
+        if int(os.environ.get("RANK", "0")) == 0:
+            save_model_dir(model, tokenizer, base)
+        model.name_or_path = model.config._name_or_path = str(base.resolve())  # what peft records as the base
     model.to(device)
-    if getattr(cfg, "lora_rank", 0):
-        model = add_lora(
-            model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets
+    if method is not None:
+        rank = cfg.lora_rank or DEFAULT_LORA_RANK
+        model = add_adapters(
+            model, method, rank=rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets
         )
     return model, tokenizer
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from posttrain.config import adapter_method
 from posttrain.data.encode import render_prompt
 from posttrain.data.rows import load_rows, validate_rows
 from posttrain.errors import ConfigError, DataError
@@ -61,7 +62,7 @@ def heldout_rows(cfg: Any, stage: str) -> list[dict]:
 def make_reference(model: Any, cfg: Any) -> Any:
     """The KL reference: none without KL; with LoRA none either (the base with adapters disabled serves, so no
     second copy is held); else a frozen copy of the starting model (taken before any sharding)."""
-    if cfg.kl_coef == 0 or cfg.lora_rank:
+    if cfg.kl_coef == 0 or adapter_method(cfg):
         return None
     return copy.deepcopy(model).eval().requires_grad_(False)
 
@@ -80,7 +81,7 @@ class Engines:
 
     def __init__(self, cfg: Any, policy: Any, tokenizer: Any, ctx: Any):
         self.sharded = cfg.fsdp and ctx.distributed
-        if self.sharded and cfg.rollout_engine == "vllm" and getattr(cfg, "lora_rank", 0):
+        if self.sharded and cfg.rollout_engine == "vllm" and adapter_method(cfg):
             raise ConfigError(
                 "rollout_engine: vllm with fsdp and LoRA is not supported (the gathered adapter weights would need"
                 " merging); use DDP (no --fsdp) or the hf engine"

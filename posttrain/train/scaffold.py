@@ -35,7 +35,7 @@ import yaml
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from posttrain.config import to_dict
+from posttrain.config import LORA_METHODS, adapter_method, to_dict
 from posttrain.data.batching import ResumableSampler
 from posttrain.distributed import (
     DistContext,
@@ -459,7 +459,8 @@ def _run(stage: Stage, cfg: Any, ctx: DistContext, run_dir: Path, stop_after: in
         "world_size": ctx.world,
         "parallel": ("fsdp" if cfg.fsdp else "ddp") if ctx.distributed else "none",
         "device": str(ctx.device),
-        "lora": bool(getattr(cfg, "lora_rank", 0)),
+        "lora": adapter_method(cfg) in LORA_METHODS,
+        "peft": adapter_method(cfg),
         "parameters": sum(_numel(p) for p in module.parameters()),
         "trainable_parameters": sum(_numel(p) for p in run.params),
         "steps": state["step"],

@@ -1,0 +1,95 @@
+"""Log-probabilities of chosen tokens from final hidden states, through the output head a chunk of tokens at a time.
+
+Legend: N tokens, H hidden size, V vocabulary, C tokens per chunk.
+
+Taking ``model(...).logits`` materialises all (N, V) logits at once: with SmolLM2's 49,152-token vocabulary a
+packed batch of 8 x 256 tokens is 2048 x 49152 fp32 = 403 MB, and the log-softmax's backward needs as much
+again. Here each chunk of C tokens goes through the head, the log-softmax and the pick of the target, under
+``torch.utils.checkpoint``: the forward keeps only the chunk's input and its (C,) results, and the backward
+recomputes that one chunk's logits, so the peak holds one chunk's logits, never all of them. The price is one
+more head matmul per training chunk (recomputed in the backward); forwards without gradient pay nothing.
+
+    >>> import torch
+    >>> hidden, weight = torch.randn(5, 4), torch.randn(7, 4)
+    >>> logps, stats = chunked_token_logps(hidden, weight, torch.tensor([0, 1, 2, 3, 4]), chunk_size=2)
+    >>> full = torch.log_softmax(hidden @ weight.T, -1)[torch.arange(5), torch.tensor([0, 1, 2, 3, 4])]
+    >>> torch.allclose(logps, full, atol=1e-6), stats["argmax"].shape
+    (True, torch.Size([5]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+# Tokens per chunk, chosen by measurement (DESIGN.md, "Memory"): at a 49k vocabulary one chunk's fp32 logits are
+# 50 MB and step time is within noise of the unchunked loss, while 1024-2048 would give most of the saving back.
+CHUNK_TOKENS = 256
+
+Head = Callable[[Tensor], Tensor] | Tensor | None
+
+
+def chunked_token_logps(
+    hidden: Tensor,
+    head: Head,
+    targets: Tensor,
+    *,
+    chunk_size: int = CHUNK_TOKENS,
+    scale: float = 1.0,
+    softcap: float = 0.0,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """log softmax(logits)[target] per token, with logits = softcap(head(hidden) x scale) / temperature.
+
+    Args: hidden (..., H) final hidden states (any leading shape, e.g. (1, S, H)); head: the output layer (a
+    module or callable (n, H) -> (n, V)), its (V, H) weight, or None when ``hidden`` already holds logits;
+    targets (...) token ids; ``scale`` and ``softcap`` (0 = none) reproduce models that transform their logits
+    (Cohere, Granite: scale; Gemma 2/3: ``cap * tanh(logits / cap)``), ``temperature`` the sampling one.
+    The log-softmax is taken in fp32 whatever the head's dtype (under bf16 autocast the head runs in bf16).
+    Returns (logps (...) fp32, with gradient; stats: "argmax" (...) the top token, and with ``with_entropy``
+    "entropy" (...) fp32, both detached).
+    """
+    lead = targets.shape
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1)
+    project = _projection(head)
+
+    def chunk(h: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        logits = project(h).float()
+        if scale != 1.0:
+            logits = logits * scale
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        if temperature != 1.0:
+            logits = logits / temperature
+        lse = torch.logsumexp(logits, dim=-1)
+        logps = torch.gather(logits, -1, t[:, None]).squeeze(-1) - lse
+        with torch.no_grad():
+            top = logits.argmax(-1)
+            entropy = None
+            if with_entropy:
+                logp_all = logits - lse[:, None]
+                entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return logps, top, entropy
+
+    # Only a forward that builds a graph needs the checkpoint; without gradient the chunk's logits die with it.
+    run = (lambda h, t: checkpoint(chunk, h, t, use_reentrant=False)) if torch.is_grad_enabled() else chunk
+    parts = [run(h, t) for h, t in zip(flat_hidden.split(chunk_size), flat_targets.split(chunk_size))]
+    logps = torch.cat([p[0] for p in parts]).view(lead)
+    stats = {"argmax": torch.cat([p[1] for p in parts]).view(lead)}
+    if with_entropy:
+        stats["entropy"] = torch.cat([p[2] for p in parts]).view(lead)
+    return logps, stats
+
+
+def _projection(head: Head) -> Callable[[Tensor], Tensor]:
+    if head is None:
+        return lambda h: h
+    if isinstance(head, Tensor):
+        return lambda h: F.linear(h, head)
+    return head
