@@ -128,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--max-new-tokens", type=int, default=96)
     gen.add_argument("--seed", type=int, default=0)
+    inspect = sub.add_parser(
+        "inspect", help="show training rows as the model sees them: rendered, tokenised, trained tokens marked"
+    )
+    inspect.add_argument("--model", default="builtin:tiny-base", help="model (its tokenizer and chat template)")
+    inspect.add_argument("--data", default="task:arithmetic", help="rows (.jsonl/.parquet/.csv, task:NAME)")
+    inspect.add_argument("--n", type=int, default=3, help="rows to show")
+    inspect.add_argument("--max-length", type=int, default=512, help="tokens kept per row")
+    inspect.add_argument("--chat-template", default="", help="a Jinja chat template file instead of the model's")
+    inspect.add_argument("--all-tokens", action="store_true", help="train on all tokens (completion_only_loss off)")
     merge = sub.add_parser("merge", help="merge a LoRA adapter into its base: a plain HF model")
     merge.add_argument("--model", required=True, help="base model (dir, builtin:tiny-base or hub id)")
     merge.add_argument("--lora", required=True, help="PEFT adapter directory")
@@ -198,6 +207,31 @@ def _generate(args: argparse.Namespace) -> None:
     print(json.dumps([{"prompt": p, "completions": o} for p, o in zip(args.prompt, outs.texts)], indent=1))
 
 
+def _inspect(args: argparse.Namespace) -> None:
+    """Print the first ``--n`` rows rendered and tokenised, trained tokens between ``«`` and ``»``."""
+    from posttrain.data.encode import encode_row
+    from posttrain.data.rows import load_rows, validate_rows
+    from posttrain.models.loading import load_tokenizer
+    from posttrain.models.templates import use_chat_template
+
+    if args.n < 1 or args.max_length < 1:
+        raise ConfigError("inspect --n and --max-length: must be at least 1")
+    tokenizer = use_chat_template(load_tokenizer(args.model), args.chat_template, key="inspect --chat-template")
+    checked = validate_rows(load_rows(args.data)[: args.n], "sft", source=args.data)
+    for row, line in zip(checked.rows, checked.lines):
+        example = encode_row(row, tokenizer, completion_only=not args.all_tokens, max_length=args.max_length)
+        ids, mask = example.input_ids[: args.max_length], example.loss_mask[: args.max_length]
+        shown, inside = [], False
+        for token, trained in zip(ids, mask):
+            if trained != inside:
+                shown.append("«" if trained else "»")
+                inside = trained
+            shown.append(tokenizer.decode([token]))
+        shown.append("»" if inside else "")
+        print(f"--- {args.data}:{line}: {len(ids)} tokens, {sum(mask)} trained")
+        print("".join(shown))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``posttrain`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -237,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=1))
         elif args.command == "generate":
             _generate(args)
+        elif args.command == "inspect":
+            _inspect(args)
         elif args.command == "merge":
             from posttrain.models.lora import merge_adapter
             from posttrain.rundir import check_model_out

@@ -46,6 +46,7 @@ class ModelArgs:
     model: str = opt("builtin:tiny-base", "local HF model dir, PEFT adapter dir, hub id, or builtin:tiny-base")
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "weights dtype")
     trust_remote_code: bool = opt(False, "allow custom model code from the model dir (off by default)")
+    chat_template: str = opt("", "a Jinja chat template file that replaces the model's own (saved with the result)")
 
 
 @dataclass(frozen=True)
@@ -256,6 +257,7 @@ class EvalConfig:
     seed: int = opt(0, "sampling seed")
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "weights dtype")
     trust_remote_code: bool = opt(False, "allow custom model code from the model dir")
+    chat_template: str = opt("", "a Jinja chat template file that replaces the model's own")
     threads: int = opt(0, "torch CPU threads; 0 = torch's default")
 
     def validate(self) -> Iterator[tuple[str, str]]:

@@ -119,14 +119,7 @@ def _text_and_spans(row: Row, tokenizer: Any, completion_only: bool) -> tuple[st
         full = _render(tokenizer, messages, generation_prompt=False)
         if not completion_only:
             return full, [(0, len(full))], True
-        spans = []
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            start = len(_render(tokenizer, messages[:i], generation_prompt=True)) if i else 0
-            end = len(_render(tokenizer, messages[: i + 1], generation_prompt=False))
-            spans.append((start, end))
-        return full, spans, True
+        return full, assistant_spans(tokenizer, messages, full), True
     if rendered == ("prompt", "completion"):
         if isinstance(row["prompt"], list):
             completion = row["completion"]
@@ -147,6 +140,57 @@ def _text_and_spans(row: Row, tokenizer: Any, completion_only: bool) -> tuple[st
     return text + ("" if text.endswith(eos) else eos), [(0, len(text) + len(eos))], False
 
 
+def assistant_spans(tokenizer: Any, messages: list[dict], full: str) -> list[tuple[int, int]]:
+    """Character spans of ``full`` (the rendered conversation) that an SFT loss trains on: each assistant turn's
+    text and its end-of-turn marker, not the role header before it nor the newline after it.
+
+    A turn starts where the template's rendering of the conversation before it, with the generation prompt,
+    ends (that prefix must begin ``full``: it is what the model sees when it writes the turn). It ends after the
+    first end-of-turn marker from there, the marker being what the template writes after the turn's content when
+    the turn is last. Searching for the marker, rather than taking the length of that rendering, keeps the span
+    right for templates that rewrite earlier turns (e.g. drop their reasoning once a later user turn follows).
+
+        >>> from posttrain.models.tiny import build_tokenizer
+        >>> tok = build_tokenizer()
+        >>> tok.chat_template = CHATML
+        >>> msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+        >>> full = tok.apply_chat_template(msgs, tokenize=False)
+        >>> [full[a:b] for a, b in assistant_spans(tok, msgs, full)]
+        ['yo<|im_end|>']
+    """
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = _render(tokenizer, messages[:i], generation_prompt=True) if i else ""
+        if not full.startswith(prefix):
+            raise DataError(
+                "chat template",
+                None,
+                "messages",
+                f"the rendering before assistant turn {i} is not a prefix of the"
+                " whole conversation; the template cannot be trained on turn by turn",
+            )
+        alone = _render(tokenizer, messages[: i + 1], generation_prompt=False)[len(prefix) :]
+        at = alone.rfind(m["content"]) if m["content"] else -1
+        marker = alone[at + len(m["content"]) :].strip() if at >= 0 else ""
+        start = len(prefix)
+        found = full.find(marker, start) if marker else -1
+        if found >= 0:
+            end = found + len(marker)
+        else:  # no marker (a template without end-of-turn text): the turn as rendered alone, trailing space cut
+            end = start + len(alone.rstrip())
+        spans.append((start, end))
+    return spans
+
+
+# SmolLM2-style ChatML, for doctests and tests (real tokenizers carry their own template).
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def encode_row(row: Row, tokenizer: Any, *, completion_only: bool = True, max_length: int | None = None) -> Example:
     """Tokenise one validated SFT or text row (see module docstring); with ``max_length``, text that cannot
     reach the first ``max_length`` tokens is cut first (:func:`cap_row`)."""
@@ -159,6 +203,14 @@ def encode_row(row: Row, tokenizer: Any, *, completion_only: bool = True, max_le
     for start, end in enc["offset_mapping"]:
         # Special tokens added by the tokenizer (BOS) have an empty span and are never targets.
         mask.append(end > start and any(s <= start < e for s, e in spans))
+    if completion_only and spans and not any(mask) and "messages" in row:
+        raise DataError(
+            "chat template",
+            None,
+            "messages",
+            "no assistant token to train on after templating (the template may drop"
+            " assistant turns); check the rendering with posttrain inspect",
+        )
     return Example(list(enc["input_ids"]), mask, capped)
 
 

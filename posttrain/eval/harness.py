@@ -24,6 +24,7 @@ from posttrain.errors import ConfigError, DataError
 from posttrain.eval.generate import generate_texts
 from posttrain.eval.metrics import ks_up_to, pass_at_k
 from posttrain.models.loading import load_model
+from posttrain.models.templates import use_chat_template
 from posttrain.rewards.verify import score_answer
 from posttrain.rollout import SamplingParams
 from posttrain.rundir import check_output_file, write_atomic
@@ -210,6 +211,7 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = use_chat_template(tokenizer, cfg.chat_template, key="eval.chat_template")
     model.to(resolve_device("auto"))
     helper = None
     if cfg.helper_model:

@@ -1,8 +1,10 @@
 """Loading and saving Hugging Face causal LMs, tokenizers and PEFT adapters.
 
 ``model`` may be a local HF model directory, a PEFT adapter directory (its base is loaded from the adapter's
-``base_model_name_or_path``), ``builtin:tiny-base`` (the shipped, pretrained embedded default), or a hub id,
-which is handed to ``transformers`` and fails offline with a clear message.
+``base_model_name_or_path``), ``builtin:tiny-base`` (the shipped, pretrained embedded default),
+``builtin:smollm2-135m-instruct`` (a real 135 M-parameter chat model, converted once into the cache from the
+``smollm2`` extra's package: ``posttrain.models.smollm2``), or a hub id, which is handed to ``transformers`` and
+fails offline with a clear message.
 
     >>> model, tok = load_model("builtin:tiny-base")
     >>> type(model).__name__, tok.eos_token
@@ -26,7 +28,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def builtin_path(name: str) -> Path:
-    """Directory of a shipped model (``builtin:tiny-base``)."""
+    """Directory of a shipped model (``builtin:tiny-base``) or of a converted one (``builtin:smollm2-135m-instruct``,
+    converted into the cache on first use)."""
+    from posttrain.models import smollm2
+
+    if name == smollm2.NAME:
+        return smollm2.ensure_smollm2()
     path = ASSETS / name
     if not (path / "config.json").is_file():
         raise ModelError(f"builtin:{name}: no such shipped model (shipped: {', '.join(shipped_models())})")
@@ -34,7 +41,11 @@ def builtin_path(name: str) -> Path:
 
 
 def shipped_models() -> list[str]:
-    return sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").is_file()) if ASSETS.is_dir() else []
+    """Names ``builtin:NAME`` loads: the models in the package's assets and those converted from an extra."""
+    from posttrain.models import smollm2
+
+    shipped = [p.name for p in ASSETS.iterdir() if (p / "config.json").is_file()] if ASSETS.is_dir() else []
+    return sorted([*shipped, smollm2.NAME])
 
 
 def resolve(spec: str) -> str:

@@ -11,8 +11,7 @@ from typing import Any
 
 import torch
 
-from posttrain.losses.logprobs import token_logps
-from posttrain.models.varlen import packed_attention
+from posttrain.eval.loss import packed_logps
 from posttrain.rollout.engine import Rollouts
 
 
@@ -68,27 +67,23 @@ def completion_logps(
         for prefix, (branch,) in groups:
             ends.append(ends[-1] + prefix + branch)
         layout = {"posttrain_bounds": tuple(ends)}
-    with packed_attention(model):
-        output = model(
-            input_ids=torch.tensor([ids], device=device),
-            position_ids=torch.tensor([positions], device=device),
-            use_cache=False,
-            output_hidden_states=return_hidden,
-            **layout,
-        )
-    logits = output.logits
-    scale = temperature if temperature > 0 else 1.0
-    index = torch.tensor([i for row in logit_at for i in row], device=device)
-    scaled = logits[0, index] / scale
-    flat = token_logps(scaled[None], torch.tensor([[t for row in targets for t in row]], device=device))[0]
+    index = torch.tensor([i for row in logit_at for i in row], dtype=torch.long, device=device)
+    flat, stats = packed_logps(
+        model,
+        torch.tensor([ids], device=device),
+        torch.tensor([positions], device=device),
+        torch.tensor([t for row in targets for t in row], dtype=torch.long, device=device),
+        positions=index,
+        temperature=temperature if temperature > 0 else 1.0,
+        with_entropy=with_entropy,
+        return_hidden=return_hidden,
+        **layout,
+    )
     sub_mask = rollouts.mask[rows]
     out = torch.zeros(len(rows), rollouts.mask.shape[1], dtype=flat.dtype, device=flat.device).masked_scatter(
         sub_mask, flat
     )
-    extra = (output.hidden_states[-1][0, index],) if return_hidden else ()
+    extra = (stats["hidden"],) if return_hidden else ()
     if not with_entropy:
         return (out, *extra) if extra else out
-    with torch.no_grad():
-        logp_all = torch.log_softmax(scaled.float(), -1)
-        ent = -(logp_all.exp() * logp_all).sum(-1)
-    return (out, torch.zeros_like(out).masked_scatter(sub_mask, ent), *extra)
+    return (out, torch.zeros_like(out).masked_scatter(sub_mask, stats["entropy"]), *extra)

@@ -25,10 +25,9 @@ from posttrain.data.encode import EncodeStats, Example, apply_length_policy, enc
 from posttrain.data.prepare import checked_rows
 from posttrain.distributed import DistContext
 from posttrain.errors import ConfigError, DataError
-from posttrain.losses.logprobs import token_logps
+from posttrain.eval.loss import packed_logps
 from posttrain.losses.preference import PAIRED_LOSSES, REFERENCE_FREE, kto_loss, kto_reference_point
 from posttrain.losses.reduce import row_mean
-from posttrain.models.varlen import packed_attention
 from posttrain.rundir import save_tensors_atomic
 from posttrain.train.policy import default_eval_data, model_for_training
 from posttrain.train.scaffold import Run, Stage, even_chunks, fingerprint, model_fingerprint, run_stage
@@ -71,11 +70,8 @@ def sequence_logps(model: Any, examples: list[Example]) -> tuple[torch.Tensor, t
     """Summed completion-token log-probs (n,) and completion lengths (n,) of ``examples``, one packed forward."""
     device = next(model.parameters()).device
     batch = pack(examples).to(device)
-    with packed_attention(model):
-        logits = model(
-            input_ids=batch.input_ids, position_ids=batch.position_ids, posttrain_bounds=batch.bounds, use_cache=False
-        ).logits
-    logps = token_logps(logits, batch.targets)[0] * batch.target_mask[0]
+    logps, _ = packed_logps(model, batch.input_ids, batch.position_ids, batch.targets, posttrain_bounds=batch.bounds)
+    logps = logps[0] * batch.target_mask[0]
     n = len(examples)
     sums = torch.zeros(n, dtype=logps.dtype, device=device).index_add(0, batch.seq_ids[0], logps)
     lengths = torch.zeros(n, device=device).index_add(0, batch.seq_ids[0], batch.target_mask[0].float())

@@ -11,6 +11,7 @@ import torch
 from posttrain.config import DEFAULT_LORA_RANK, adapter_method
 from posttrain.models.loading import load_model, save_model_dir
 from posttrain.models.lora import add_adapters
+from posttrain.models.templates import use_chat_template
 
 FRESH_MODELS = {"builtin:tiny": "tiny", "builtin:small": "small"}
 
@@ -37,6 +38,7 @@ def model_for_training(cfg: Any, device: torch.device) -> tuple[Any, Any]:
         if hasattr(model, "merge_and_unload"):  # an adapter dir: train on base + adapter merged
             model = model.merge_and_unload()
             stacked = True
+    tokenizer = use_chat_template(tokenizer, getattr(cfg, "chat_template", ""), key="model.chat_template")
     method = adapter_method(cfg)
     if method is not None and stacked and cfg.out:
         base = Path(cfg.out) / "base"

@@ -23,6 +23,7 @@ from posttrain.distributed import DistContext
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.preference import bradley_terry_loss
 from posttrain.losses.reduce import row_mean
+from posttrain.models.templates import use_chat_template
 from posttrain.rewards.model import load_reward_model, sequence_rewards
 from posttrain.train.policy import default_eval_data
 from posttrain.train.scaffold import Run, Stage, even_chunks, run_stage
@@ -70,6 +71,7 @@ class RMStage(Stage):
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         model, tokenizer = load_reward_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = use_chat_template(tokenizer, cfg.chat_template, key="rm.chat_template")
         run_dir = cfg.out if ctx.is_main else None  # rank 0 writes bad_rows.json
         self.pairs, self.margins, self.counts = encode_pairs(cfg.data, tokenizer, cfg, run_dir=run_dir)
         source = cfg.eval_data or default_eval_data(cfg.data)
