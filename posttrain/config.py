@@ -199,6 +199,9 @@ class RuntimeArgs:
         "no", "bf16: forward and backward under bf16 autocast (weights and optimiser state stay in their dtype)"
     )
     fsdp: bool = opt(False, "under torchrun: shard parameters, gradients and optimiser state (FSDP2) instead of DDP")
+    gradient_checkpointing: bool = opt(
+        False, "recompute activations in the backward pass (less memory, ~30% more compute)"
+    )
 
     def validate(self) -> Iterator[tuple[str, str]]:
         if self.threads < 0:

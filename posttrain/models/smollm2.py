@@ -134,7 +134,8 @@ def convert_gguf(gguf_path: Path, out: Path) -> dict[str, Any]:
     end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     if model.config.eos_token_id != end_of_turn:
         raise ModelError(f"{gguf_path}: eos_token_id {model.config.eos_token_id} is not {END_OF_TURN} ({end_of_turn})")
-    model.config._name_or_path = f"builtin:{NAME}"
+    if hasattr(model.config, "_model_name_or_path"):  # the GGUF's general.name, "Smollm2 135M 8k Lc100K Mix1 Ep2"
+        del model.config._model_name_or_path
     gen = model.generation_config
     gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = model.config.bos_token_id, end_of_turn, end_of_turn
     model.save_pretrained(out, safe_serialization=True)

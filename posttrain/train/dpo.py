@@ -30,7 +30,7 @@ from posttrain.losses.preference import PAIRED_LOSSES, REFERENCE_FREE, kto_loss,
 from posttrain.losses.reduce import row_mean
 from posttrain.rundir import save_tensors_atomic
 from posttrain.train.policy import default_eval_data, model_for_training
-from posttrain.train.scaffold import Run, Stage, even_chunks, fingerprint, model_fingerprint, run_stage
+from posttrain.train.scaffold import Run, Stage, even_chunks, fingerprint, forward_rows, model_fingerprint, run_stage
 
 
 def encode_pairs(
@@ -80,7 +80,7 @@ def sequence_logps(model: Any, examples: list[Example]) -> tuple[torch.Tensor, t
 
 @torch.no_grad()
 def reference_logps(
-    model: Any, items: list[tuple[Example, ...]], cfg: Any, *, rows: list[int] | None = None, batch_size: int = 64
+    model: Any, items: list[tuple[Example, ...]], cfg: Any, *, rows: list[int] | None = None
 ) -> torch.Tensor:
     """(rows, sequences per row) reference log-probs of the starting model (adapters disabled under LoRA) for
     ``rows`` (default all); rows not computed are NaN."""
@@ -90,8 +90,9 @@ def reference_logps(
     out = torch.full((len(items), len(items[0])), math.nan)
     adapters_off = model.disable_adapter() if adapter_method(cfg) else nullcontext()
     with adapters_off:
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
+        size = forward_rows(cfg)
+        for start in range(0, len(rows), size):
+            chunk = rows[start : start + size]
             sums, _ = sequence_logps(model, [e for i in chunk for e in items[i]])
             out[chunk] = sums.view(len(chunk), -1).float().cpu()
     model.train(was_training)
@@ -254,7 +255,7 @@ class DPOStage(Stage):
         if not self.eval_items:
             return {}
         loss_sum, right, counted = 0.0, 0.0, 0
-        chunks = even_chunks(run.ctx, list(range(len(self.eval_items))), 64)
+        chunks = even_chunks(run.ctx, list(range(len(self.eval_items))), forward_rows(self.cfg))
         with run.evaluating():
             z = self._eval_reference_point(run, chunks) if self.cfg.loss == "kto" else None
             for chunk, real in chunks:

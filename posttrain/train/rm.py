@@ -26,7 +26,7 @@ from posttrain.losses.reduce import row_mean
 from posttrain.models.templates import use_chat_template
 from posttrain.rewards.model import load_reward_model, sequence_rewards
 from posttrain.train.policy import default_eval_data
-from posttrain.train.scaffold import Run, Stage, even_chunks, run_stage
+from posttrain.train.scaffold import Run, Stage, even_chunks, forward_rows, run_stage
 
 
 def encode_pairs(
@@ -118,7 +118,7 @@ class RMStage(Stage):
             return {}
         right, counted = 0, 0
         with run.evaluating():
-            for chunk, real in even_chunks(run.ctx, self.eval_pairs, 64):
+            for chunk, real in even_chunks(run.ctx, self.eval_pairs, forward_rows(self.cfg)):
                 with run.amp():
                     chosen, rejected = run.model.forward(pair_rewards, chunk)
                 if real:

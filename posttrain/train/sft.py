@@ -34,7 +34,7 @@ from posttrain.errors import ConfigError
 from posttrain.eval.loss import packed_token_losses
 from posttrain.losses import masked_sum
 from posttrain.train.policy import default_eval_data, model_for_training
-from posttrain.train.scaffold import Run, Stage, even_chunks, run_stage
+from posttrain.train.scaffold import Run, Stage, even_chunks, forward_rows, run_stage
 
 LossFn = Callable[[Any, PackedBatch], tuple[torch.Tensor, torch.Tensor]]
 
@@ -128,7 +128,7 @@ class LMStage(Stage):
             return {}
         total, count, correct = 0.0, 0, 0
         with run.evaluating():
-            for chunk, counts in even_chunks(run.ctx, list(self.eval_examples), 64):
+            for chunk, counts in even_chunks(run.ctx, list(self.eval_examples), forward_rows(self.cfg)):
                 packed = pack(chunk).to(run.ctx.device)
                 with run.amp():
                     losses, right = run.model.forward(packed_token_losses, packed)

