@@ -261,6 +261,7 @@ class EvalConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "weights dtype")
     trust_remote_code: bool = opt(False, "allow custom model code from the model dir")
     chat_template: str = opt("", "a Jinja chat template file that replaces the model's own")
+    progress: bool = opt(True, "show a progress bar while generating")
     threads: int = opt(0, "torch CPU threads; 0 = torch's default")
 
     def validate(self) -> Iterator[tuple[str, str]]:

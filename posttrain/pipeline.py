@@ -113,7 +113,7 @@ def suite_configs(recipe: dict[str, Any]) -> list[EvalConfig]:
     return [build_config(EvalConfig, {"task": t, **common}, path="evaluate") for t in tasks]
 
 
-def run_suite(model_spec: str, recipe: dict[str, Any]) -> dict[str, Any]:
+def run_suite(model_spec: str, recipe: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
     """The recipe's evaluation suite on one model: the first task is the target, the others measure retention."""
     from posttrain.distributed import resolve_device
     from posttrain.eval.harness import evaluate_model, perplexity
@@ -123,7 +123,7 @@ def run_suite(model_spec: str, recipe: dict[str, Any]) -> dict[str, Any]:
     model.to(resolve_device("auto"))
     out: dict[str, Any] = {"tasks": {}}
     for i, cfg in enumerate(suite_configs(recipe)):
-        result = evaluate_model(model, tokenizer, cfg)
+        result = evaluate_model(model, tokenizer, replace(cfg, progress=progress))
         out["tasks"][cfg.task] = {
             k: result[k] for k in ("accuracy", "accuracy_strict", "accuracy_lenient", "rows", "tokens_per_question")
         }
@@ -301,12 +301,14 @@ def run_recipe(
     claimed = claim(run_dir, key="run.out", resume=resume, overwrite=overwrite)
     try:
         write_atomic(run_dir / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
-        return _run_plan(recipe, plan, run_dir, print_stage_table, write_report)
+        return _run_plan(recipe, plan, run_dir, print_stage_table, write_report, progress)
     finally:
         claimed.release()
 
 
-def _run_plan(recipe: dict[str, Any], plan: list, run_dir: Path, print_stage_table: Any, write_report: Any) -> dict:
+def _run_plan(
+    recipe: dict[str, Any], plan: list, run_dir: Path, print_stage_table: Any, write_report: Any, progress: bool
+) -> dict:
     started = time.perf_counter()
     stages: list[dict[str, Any]] = []
     previous: str | None = None
@@ -337,7 +339,7 @@ def _run_plan(recipe: dict[str, Any], plan: list, run_dir: Path, print_stage_tab
         if record.get("type") == "rm":
             record["eval"] = {"pair_accuracy": record["train"]["heldout"]["pair_accuracy"]}
         else:
-            record["eval"] = run_suite(previous, recipe)
+            record["eval"] = run_suite(previous, recipe, progress=progress)
         record["wall_s"] = time.perf_counter() - t0
         stages.append(record)
         print_stage_table(stages)

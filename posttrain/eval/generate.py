@@ -40,12 +40,16 @@ def generate_texts(
     batch_size: int = 256,
     engine: str | RolloutEngine = "hf",
     seed: int | None = None,
+    progress: bool = False,
 ) -> Generations:
     """``n`` completions per prompt (special tokens removed), in prompt order; greedy unless ``do_sample``.
 
     ``engine`` is a rollout engine kind (``hf``, ``vllm``) or an engine already built for ``model``. Sampling is
     seeded by ``seed``, or, when it is None, by a number drawn from torch's global generator (so
-    ``torch.manual_seed`` before the call makes it reproducible)."""
+    ``torch.manual_seed`` before the call makes it reproducible). ``progress`` shows a bar over the prompts when
+    there is more than one batch (an evaluation of a real model takes minutes)."""
+    from tqdm.auto import tqdm
+
     runner = engine_for(engine, model, tokenizer)
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()))
@@ -57,8 +61,11 @@ def generate_texts(
     )
     results: list[list[str]] = []
     new_tokens = 0
+    bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress or len(prompts) <= batch_size)
     for start in range(0, len(prompts), batch_size):
         out = runner.generate(list(prompts[start : start + batch_size]), params, seed=seed + start)
         new_tokens += int(out.mask.sum())  # generated tokens, a completion's EOS counted once
         results += [out.texts[i : i + n] for i in range(0, len(out.texts), n)]
+        bar.update(min(batch_size, len(prompts) - start))
+    bar.close()
     return Generations(results, new_tokens)

@@ -162,6 +162,7 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: Any, *, helper: Any = None) 
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,
         engine=cfg.engine,
+        progress=cfg.progress,
     )
     samples, new_tokens = generations.texts, generations.new_tokens
     strict = [[score(s, r["answer"])[0] for s in group] for group, r in zip(samples, rows)]

@@ -50,7 +50,7 @@ def chunked_token_logps(
     module or callable (n, H) -> (n, V)), its (V, H) weight, or None when ``hidden`` already holds logits;
     targets (...) token ids; ``scale`` and ``softcap`` (0 = none) reproduce models that transform their logits
     (Cohere, Granite: scale; Gemma 2/3: ``cap * tanh(logits / cap)``), ``temperature`` the sampling one.
-    The log-softmax is taken in fp32 whatever the head's dtype (under bf16 autocast the head runs in bf16).
+    The log-softmax is taken in fp32 (fp64 stays fp64) whatever the head's dtype (under bf16 autocast the head runs in bf16).
     Returns (logps (...) fp32, with gradient; stats: "argmax" (...) the top token, and with ``with_entropy``
     "entropy" (...) fp32, both detached).
     """
@@ -60,7 +60,8 @@ def chunked_token_logps(
     project = _projection(head)
 
     def chunk(h: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        logits = project(h).float()
+        logits = project(h)
+        logits = logits if logits.dtype == torch.float64 else logits.float()
         if scale != 1.0:
             logits = logits * scale
         if softcap:

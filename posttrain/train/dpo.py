@@ -11,6 +11,7 @@ memory and a resumed run uses exactly the same numbers. Reference-free losses (S
 from __future__ import annotations
 
 import math
+import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from posttrain.config import adapter_method
 from posttrain.data.batching import ResumableSampler, pack
@@ -91,7 +93,8 @@ def reference_logps(
     adapters_off = model.disable_adapter() if adapter_method(cfg) else nullcontext()
     with adapters_off:
         size = forward_rows(cfg)
-        for start in range(0, len(rows), size):
+        shown = cfg.progress and os.environ.get("RANK", "0") == "0" and len(rows) > size
+        for start in tqdm(range(0, len(rows), size), desc="reference log-probs", unit="batch", disable=not shown):
             chunk = rows[start : start + size]
             sums, _ = sequence_logps(model, [e for i in chunk for e in items[i]])
             out[chunk] = sums.view(len(chunk), -1).float().cpu()
