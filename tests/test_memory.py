@@ -176,6 +176,9 @@ def _tiny_config(kind: str):
         num_key_value_heads=2,
         head_dim=4,
         max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     extra = {
         "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
@@ -208,11 +211,10 @@ def test_every_listed_model_type_splits_into_its_own_logits():
             logps, _ = chunked_token_logps(
                 hidden, split.head, targets, chunk_size=3, scale=split.scale, softcap=split.softcap
             )
+            plain, _ = chunked_token_logps(hidden, split.head, targets)
         assert_close(logps, ref, rtol=0, atol=1e-5, msg=kind)
-        if kind in SOFTCAPPED_HEADS:
-            assert split.softcap == 0.5
-        if kind in SCALED_HEADS:
-            assert split.scale != 1.0
+        if kind not in PLAIN_HEADS:  # the scale or cap matters for these logits: without it they would differ
+            assert (plain - ref).abs().max() > 1e-3, kind
 
 
 def test_peft_models_split_below_the_wrapper_and_prompt_learning_does_not(tiny_model):
@@ -254,6 +256,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_on_packed_rows(tokenize
         models = []
         for checkpointed in (False, True):
             model = build_model(tokenizer, seed=0)
+            torch.manual_seed(0)  # the same adapter initialisation in both
             model = add_lora(model, rank=lora_rank) if lora_rank else model
             if checkpointed:
                 enable_gradient_checkpointing(model)

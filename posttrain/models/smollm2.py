@@ -53,11 +53,10 @@ def ensure_smollm2() -> Path:
     """The converted model's directory, converting the packaged GGUF first if the cache has none.
 
     A complete directory is returned at once (no model is loaded), whether or not the extra is still installed;
-    one converted from another version of the package is converted again.
+    one converted from another version of the package is converted again. Example (with the extra installed)::
 
-        >>> path = ensure_smollm2()  # doctest: +SKIP
-        >>> sorted(p.name for p in path.iterdir())[:3]  # doctest: +SKIP
-        ['.posttrain-files.json', 'PROVENANCE.json', 'chat_template.jinja']
+        path = ensure_smollm2()  # ~/.cache/posttrain/models/smollm2-135m-instruct-v1
+        model = AutoModelForCausalLM.from_pretrained(path)  # or --model builtin:smollm2-135m-instruct
     """
     out = model_dir()
     if _is_current(out):
