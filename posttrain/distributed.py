@@ -30,11 +30,29 @@ import torch.distributed as dist
 from posttrain.errors import ConfigError
 
 
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process (CPU) or peak allocated memory (CUDA), in MiB."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
+def peak_memory_mb(device: torch.device | None = None) -> float:
+    """Peak memory in MiB since the process started or :func:`reset_peak_memory`: memory allocated by tensors on a
+    CUDA ``device`` (default: CUDA when available), else this process's peak resident set (``ru_maxrss``)."""
+    if _is_cuda(device):
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_memory(device: torch.device | None = None) -> None:
+    """Restart :func:`peak_memory_mb`'s peak from the memory in use now, so that each stage of a recipe (all run in
+    one process) reports its own peak, not the largest of the stages before it."""
+    if _is_cuda(device):
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: the peak resident set (ru_maxrss, VmHWM) restarts from the current one
+    except OSError:
+        pass  # elsewhere (macOS) it stays the peak since the process started
+
+
+def _is_cuda(device: torch.device | None) -> bool:
+    return device.type == "cuda" if device is not None else torch.cuda.is_available()
 
 
 def resolve_device(spec: str, *, local_rank: int = 0) -> torch.device:

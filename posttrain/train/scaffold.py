@@ -44,6 +44,7 @@ from posttrain.distributed import (
     load_optimizer_state,
     optimizer_state,
     peak_memory_mb,
+    reset_peak_memory,
 )
 from posttrain.errors import ConfigError, TrainingError
 from posttrain.rundir import RunDir, check_run_dir, claim, write_atomic
@@ -397,6 +398,7 @@ def enable_gradient_checkpointing(module: torch.nn.Module) -> None:
 
 def _run(stage: Stage, cfg: Any, ctx: DistContext, run_dir: Path, stop_after: int | None) -> dict[str, Any]:
     started = time.perf_counter()
+    reset_peak_memory(ctx.device)  # this stage's own peak, whatever ran before it in this process
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     module, tokenizer = stage.build(ctx)
@@ -509,7 +511,7 @@ def _run(stage: Stage, cfg: Any, ctx: DistContext, run_dir: Path, stop_after: in
         "wall_s": round(time.perf_counter() - started, 3),
         "tokens": state["tokens"],
         "tokens_per_s": round((state["tokens"] - start_tokens) / max(train_time, 1e-9), 1),
-        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "peak_memory_mb": round(peak_memory_mb(ctx.device), 1),
         **stage.summary(run),
     }
     summary = ctx.all_gather_objects(summary)[0]  # rank 0 read the metrics: every rank returns its summary
