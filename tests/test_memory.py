@@ -13,16 +13,10 @@ from torch.testing import assert_close
 
 from posttrain.data.batching import pack
 from posttrain.data.encode import Example
-from posttrain.eval.loss import (
-    PLAIN_HEADS,
-    SCALED_HEADS,
-    SOFTCAPPED_HEADS,
-    output_head,
-    packed_logps,
-    packed_token_losses,
-)
+from posttrain.eval.loss import packed_token_losses
 from posttrain.losses import sft_loss, token_logps
 from posttrain.losses.chunked import CHUNK_TOKENS, chunked_token_logps
+from posttrain.models.forward import PLAIN_HEADS, SCALED_HEADS, SOFTCAPPED_HEADS, output_head, packed_logps
 from posttrain.models.varlen import packed_attention
 from posttrain.train.scaffold import enable_gradient_checkpointing
 

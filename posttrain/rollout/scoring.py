@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from posttrain.eval.loss import packed_logps
+from posttrain.models.forward import packed_logps
 from posttrain.rollout.engine import Rollouts
 
 

@@ -27,9 +27,9 @@ from posttrain.data.encode import EncodeStats, Example, apply_length_policy, enc
 from posttrain.data.prepare import checked_rows
 from posttrain.distributed import DistContext
 from posttrain.errors import ConfigError, DataError
-from posttrain.eval.loss import packed_logps
 from posttrain.losses.preference import PAIRED_LOSSES, REFERENCE_FREE, kto_loss, kto_reference_point
 from posttrain.losses.reduce import row_mean
+from posttrain.models.forward import packed_logps
 from posttrain.rundir import save_tensors_atomic
 from posttrain.train.policy import default_eval_data, model_for_training
 from posttrain.train.scaffold import Run, Stage, even_chunks, fingerprint, forward_rows, model_fingerprint, run_stage

@@ -1,0 +1,111 @@
+"""One packed forward to per-token log-probs without full-vocabulary logits: the model is split at its output
+head (:func:`output_head`) and the head is applied a chunk of tokens at a time (``posttrain.losses.chunked``).
+Shared by SFT and held-out losses (``posttrain.eval.loss``), DPO and the RL scorers (``posttrain.rollout``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from posttrain.losses.chunked import CHUNK_TOKENS, chunked_token_logps
+from posttrain.models.varlen import packed_attention
+
+# Model types whose causal LM computes ``logits = lm_head(decoder(...).last_hidden_state)``, the last two
+# entries with a scale or soft-cap read from the config (``output_head``); tests/test_memory.py checks each
+# against the model's own logits. Any other model keeps its own forward and full logits (correct, not lean).
+PLAIN_HEADS = frozenset(
+    {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "olmo2", "gemma", "gpt2"}
+)
+SOFTCAPPED_HEADS = frozenset({"gemma2", "gemma3_text"})  # cap * tanh(logits / cap), final_logit_softcapping
+SCALED_HEADS = {"granite": lambda c: 1.0 / c.logits_scaling, "cohere": lambda c: c.logit_scale}
+# peft methods that only change layers' weights (no virtual tokens, no per-call arguments): the decoder can be
+# called directly.
+LAYER_ADAPTERS = frozenset({"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "OFT", "BOFT", "VERA"})
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """A causal LM split at its output layer: logits = softcap(head(decoder(...).last_hidden_state) x scale)."""
+
+    decoder: Any
+    head: Any
+    scale: float = 1.0
+    softcap: float = 0.0
+
+
+def output_head(model: Any) -> OutputHead | None:
+    """The decoder and output head of ``model`` (a ``transformers`` causal LM, possibly ``peft``-wrapped), or None
+    when its logits are not known to be the head of the decoder's output (then callers use the model's logits).
+
+    >>> from posttrain.models.tiny import build_model, build_tokenizer
+    >>> split = output_head(build_model(build_tokenizer()))
+    >>> type(split.decoder).__name__, type(split.head).__name__, split.softcap
+    ('LlamaModel', 'Linear', 0.0)
+    """
+    if hasattr(model, "peft_config"):
+        adapter = model.active_peft_config
+        if str(adapter.peft_type.value) not in LAYER_ADAPTERS or getattr(adapter, "alora_invocation_tokens", None):
+            return None
+        model = model.get_base_model()  # its layers carry the adapters
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in PLAIN_HEADS | SOFTCAPPED_HEADS | SCALED_HEADS.keys():
+        return None
+    return OutputHead(
+        model.get_decoder(),
+        model.get_output_embeddings(),
+        scale=SCALED_HEADS[kind](config) if kind in SCALED_HEADS else 1.0,
+        softcap=(config.final_logit_softcapping or 0.0) if kind in SOFTCAPPED_HEADS else 0.0,
+    )
+
+
+def packed_logps(
+    model: Any,
+    input_ids: Tensor,
+    position_ids: Tensor,
+    targets: Tensor,
+    *,
+    positions: Tensor | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    return_hidden: bool = False,
+    chunk_size: int = CHUNK_TOKENS,
+    **layout: Any,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Log-probs of ``targets`` under ``model`` for one packed row, in one forward with per-sequence attention.
+
+    Args: input_ids, position_ids (1, S); ``layout``: ``posttrain_bounds`` or ``posttrain_groups`` (see
+    ``posttrain.models.varlen``); positions (n,) the predicting positions to read (default all S); targets (n,)
+    or (1, S) ids, one per position read; ``temperature`` divides the logits (the sampler's distribution).
+    Returns (logps shaped like ``targets``, fp32; stats: "argmax" and, if asked, "entropy" (detached), and
+    with ``return_hidden`` "hidden" (n, H), the last hidden state at each position read, with gradient).
+    """
+    split = output_head(model)
+    inputs = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False, **layout)
+    with packed_attention(model):
+        if split is not None:
+            states = split.decoder(**inputs).last_hidden_state[0]  # (S, H)
+        else:
+            output = model(**inputs, output_hidden_states=return_hidden)
+            states = output.logits[0]  # (S, V): the model's own logits, read a chunk at a time below
+    if positions is not None:
+        states = states[positions]
+    head = {"head": None} if split is None else {"head": split.head, "scale": split.scale, "softcap": split.softcap}
+    logps, stats = chunked_token_logps(
+        states,
+        **head,
+        targets=targets.reshape(-1),
+        chunk_size=chunk_size,
+        temperature=temperature,
+        with_entropy=with_entropy,
+    )
+    logps, stats = logps.view(targets.shape), {k: v.view(targets.shape) for k, v in stats.items()}
+    if return_hidden:
+        if split is not None:
+            stats["hidden"] = states
+        else:
+            last = output.hidden_states[-1][0]
+            stats["hidden"] = last if positions is None else last[positions]
+    return logps, stats
