@@ -240,7 +240,8 @@ def test_chat_template_that_refuses_a_conversation_names_the_line(tmp_path):
 
     tok = build_tokenizer()
     tok.chat_template = (
-        "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('starts with assistant') }}{% endif %}x"
+        "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('starts with assistant') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     )
     path = tmp_path / "d.jsonl"
     rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}]
