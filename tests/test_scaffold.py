@@ -23,7 +23,7 @@ def test_every_stage_is_built_from_the_shared_pieces_and_listed_once():
         assert issubclass(info.config, (RuntimeArgs)) and issubclass(info.config, LoopArgs), name
         assert issubclass(info.config, OptimArgs), name
         assert name in commands
-    assert set(commands) - set(STAGES) == {"demo", "run", "eval", "generate", "merge"}
+    assert set(commands) - set(STAGES) == {"demo", "run", "eval", "generate", "inspect", "merge"}
 
 
 @pytest.mark.parametrize(
@@ -227,7 +227,10 @@ def test_grpo_dapo_token_mean_is_exact_under_accumulation(tmp_path):
     norms = [[m["grad_norm"] for m in ms if "grad_norm" in m] for ms in metrics]
     assert norms[0][0] > 0.1  # samples differ within groups: there is a gradient to get right
     assert norms[1] == pytest.approx(norms[0], rel=1e-5)
-    _same_weights(outs[0], outs[1], atol=1e-5)
+    # Adam divides by sqrt(v): an element whose gradient is rounding-sized moves by up to ~lr either way, so the
+    # weights agree to ~lr/10 (measured 2.1e-5 on one k_proj element with chunked log-probs), the loss and the
+    # gradient norm above to 1e-5 relative.
+    _same_weights(outs[0], outs[1], atol=1e-4)
 
 
 def test_resolved_config_records_the_world_and_every_field(tmp_path):
