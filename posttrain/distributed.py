@@ -40,7 +40,12 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
 
 def reset_peak_memory(device: torch.device | None = None) -> None:
     """Restart :func:`peak_memory_mb`'s peak from the memory in use now, so that each stage of a recipe (all run in
-    one process) reports its own peak, not the largest of the stages before it."""
+    one process) reports its own peak, not the largest of the stages before it.
+
+    >>> reset_peak_memory(torch.device("cpu"))
+    >>> peak_memory_mb(torch.device("cpu")) > 0
+    True
+    """
     if _is_cuda(device):
         torch.cuda.reset_peak_memory_stats(device)
         return

@@ -1,4 +1,4 @@
-"""Memory: the chunked head (``posttrain.losses.chunked``, ``posttrain.eval.loss``) against full logits, in values
+"""Memory: the chunked head (``posttrain.losses.chunked``, ``posttrain.models.forward``) against full logits, in values
 and gradients, fp32 and bf16; it never holds a full (S, V) logits tensor; gradient checkpointing changes no
 gradient, packed sequences included."""
 
@@ -111,15 +111,50 @@ def test_tiny_model_chunked_equals_full_logits_through_the_model(tiny_model):
 
 def test_bf16_autocast_close_to_unchunked(tiny_model):
     batch = pack(_examples())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, ref = _full_logps(tiny_model, batch)
-        logps, _ = packed_logps(
-            tiny_model, batch.input_ids, batch.position_ids, batch.targets, chunk_size=9, posttrain_bounds=batch.bounds
-        )
+    upstream = torch.randn(batch.targets.shape, generator=torch.Generator().manual_seed(3))
+    results = []
+    for chunked in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if chunked:  # the backward recomputes each chunk under the autocast state of its forward
+                logps, _ = packed_logps(
+                    tiny_model,
+                    batch.input_ids,
+                    batch.position_ids,
+                    batch.targets,
+                    chunk_size=9,
+                    posttrain_bounds=batch.bounds,
+                )
+            else:
+                _, logps = _full_logps(tiny_model, batch)
+        (logps * upstream).sum().backward()
+        results.append((logps.detach(), [p.grad.clone() for p in tiny_model.parameters()]))
+        tiny_model.zero_grad(set_to_none=True)
+    (ref, ref_grads), (logps, grads) = results
     assert logps.dtype == torch.float32  # the log-softmax runs in fp32 even though the head ran in bf16
     assert_close(logps, ref, rtol=0, atol=2e-2)
+    for got, want in zip(grads, ref_grads):
+        assert (got - want).norm() <= 2e-2 * want.norm() + 1e-6
     _, fp32 = _full_logps(tiny_model, batch)
-    assert (logps - fp32).abs().max() < 0.1  # and bf16 stays near the fp32 numbers
+    assert (logps - fp32.detach()).abs().max() < 0.1  # and bf16 stays near the fp32 numbers
+
+
+def test_fallback_path_reads_the_models_own_logits_the_same_way(tiny_model, monkeypatch):
+    """A model type output_head does not know goes through its own forward: same log-probs, entropy and hidden
+    states at the read positions, with temperature (as the RL scorers ask)."""
+    import posttrain.models.forward as forward
+
+    batch = pack(_examples())
+    positions = torch.tensor([3, 7, 8, 20, 40, 65])
+    args = (tiny_model, batch.input_ids, batch.position_ids, batch.targets[0, positions])
+    kwargs = dict(positions=positions, temperature=0.7, with_entropy=True, return_hidden=True, chunk_size=4)
+    split, split_stats = packed_logps(*args, **kwargs, posttrain_bounds=batch.bounds)
+    monkeypatch.setattr(forward, "PLAIN_HEADS", frozenset())
+    assert output_head(tiny_model) is None
+    full, full_stats = packed_logps(*args, **kwargs, posttrain_bounds=batch.bounds)
+    assert_close(split, full, rtol=0, atol=1e-5)
+    for key in ("entropy", "hidden"):
+        assert_close(split_stats[key], full_stats[key], rtol=0, atol=1e-5)
+    assert torch.equal(split_stats["argmax"], full_stats["argmax"])
 
 
 class RowRecorder(torch.nn.Module):

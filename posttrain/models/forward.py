@@ -81,6 +81,14 @@ def packed_logps(
     or (1, S) ids, one per position read; ``temperature`` divides the logits (the sampler's distribution).
     Returns (logps shaped like ``targets``, fp32; stats: "argmax" and, if asked, "entropy" (detached), and
     with ``return_hidden`` "hidden" (n, H), the last hidden state at each position read, with gradient).
+
+    >>> import torch
+    >>> from posttrain.models.tiny import build_model, build_tokenizer
+    >>> model = build_model(build_tokenizer())
+    >>> ids, pos = torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[0, 1, 2, 0, 1]])  # two sequences: 3 + 2
+    >>> logps, stats = packed_logps(model, ids, pos, torch.tensor([[6, 7, 0, 9, 0]]), posttrain_bounds=(0, 3, 5))
+    >>> logps.shape, stats["argmax"].shape
+    (torch.Size([1, 5]), torch.Size([1, 5]))
     """
     split = output_head(model)
     inputs = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False, **layout)

@@ -377,7 +377,14 @@ def enable_gradient_checkpointing(module: torch.nn.Module) -> None:
     """Recompute every decoder layer's activations in the backward pass instead of keeping them (the model is
     found inside PPO's policy-with-value and inside peft's wrapper). The backward runs after the forward's
     ``packed_attention`` block has closed, so each layer's recompute is run under the attention implementation
-    its forward used: under the model's own, packed sequences would attend to each other."""
+    its forward used: under the model's own, packed sequences would attend to each other.
+
+    >>> from posttrain.models.tiny import build_model, build_tokenizer
+    >>> model = build_model(build_tokenizer())
+    >>> enable_gradient_checkpointing(model)
+    >>> model.model.layers[0].gradient_checkpointing
+    True
+    """
     from posttrain.models.varlen import attention_implementation
 
     model = getattr(module, "policy", module)
