@@ -51,10 +51,12 @@ class ModelArgs:
 
 @dataclass(frozen=True)
 class LoraArgs:
-    peft: Literal["auto", "none", "lora", "dora", "rslora", "ia3"] = opt(
+    peft: Literal["auto", "none", "lora", "dora", "rslora", "ia3", "prompt", "prefix"] = opt(
         "auto",
         "parameter-efficient method through peft: lora, dora (weight-decomposed LoRA), rslora (rank-stabilised"
-        " scaling), ia3 (learned activation scales); none = full fine-tune; auto = lora when lora_rank > 0, else none",
+        " scaling), ia3 (learned activation scales), prompt (learned input embeddings in front of each sequence),"
+        " prefix (learned keys/values in every layer); none = full fine-tune; auto = lora when lora_rank > 0, else"
+        " none",
     )
     lora_rank: int = opt(0, "LoRA/DoRA/rsLoRA rank (0 with peft auto = full fine-tune; 0 with a LoRA method = 8)")
     lora_alpha: float = opt(16.0, "LoRA scaling alpha")
@@ -62,22 +64,30 @@ class LoraArgs:
     lora_targets: list[str] = opt(
         [], "module names to adapt; empty = every linear layer but the output head (ia3: peft's per-model default)"
     )
+    virtual_tokens: int = opt(16, "prompt/prefix: virtual tokens in front of each sequence")
 
     def validate(self) -> Iterator[tuple[str, str]]:
         if self.lora_rank < 0:
             yield "lora_rank", f"must be >= 0, got {self.lora_rank}"
         if not 0 <= self.lora_dropout < 1:
             yield "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}"
-        if self.peft in ("none", "ia3") and self.lora_rank:
+        if self.peft in ("none", *NO_RANK_METHODS) and self.lora_rank:
             yield "lora_rank", f"peft {self.peft!r} has no rank; drop lora_rank={self.lora_rank} or pick a LoRA method"
+        if self.peft in VIRTUAL_METHODS and self.lora_targets:
+            yield "lora_targets", f"peft {self.peft!r} adapts no modules; drop lora_targets"
+        if self.virtual_tokens < 1:
+            yield "virtual_tokens", f"must be at least 1, got {self.virtual_tokens}"
 
 
 LORA_METHODS = ("lora", "dora", "rslora")
+VIRTUAL_METHODS = ("prompt", "prefix")  # prompt learning: virtual tokens, nothing to fold into the weights
+NO_RANK_METHODS = ("ia3", *VIRTUAL_METHODS)
 DEFAULT_LORA_RANK = 8
 
 
 def adapter_method(cfg: Any) -> str | None:
-    """The peft method a config trains (``lora``, ``dora``, ``rslora``, ``ia3``), or None for full fine-tuning.
+    """The peft method a config trains (``lora``, ``dora``, ``rslora``, ``ia3``, ``prompt``, ``prefix``), or None
+    for full fine-tuning.
 
     >>> adapter_method(build_config(SFTConfig, {"lora_rank": 4}, path="sft")), adapter_method(SFTConfig())
     ('lora', None)
@@ -222,7 +232,7 @@ class PretrainConfig(RuntimeArgs, LoopArgs, BatchArgs, AccumArgs, OptimArgs, LMA
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Held-out evaluation: accuracy (strict/lenient), pass@k, perplexity."""
+    """Held-out evaluation: accuracy (strict/lenient/fair), pass@k, perplexity."""
 
     model: str = opt("builtin:tiny-base", "model dir, adapter dir or hub id")
     task: str = opt("", "built-in task name (its test split); or give data")
@@ -256,7 +266,10 @@ class EvalConfig:
     max_new_tokens: int = opt(96, "generation limit")
     limit: int = opt(0, "evaluate only the first N rows; 0 = all")
     batch_size: int = opt(256, "prompts per generation batch")
-    perplexity_data: str = opt("", "text rows to measure perplexity on (e.g. corpus:val)")
+    perplexity_data: str = opt(
+        "", "text rows to measure perplexity on: a file, corpus:val, or a shipped text set (text:general, prose)"
+    )
+    show_examples: int = opt(5, "replies kept in the result (prompt, reply, gold answer, strict/lenient/fair marks)")
     seed: int = opt(0, "sampling seed")
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "weights dtype")
     trust_remote_code: bool = opt(False, "allow custom model code from the model dir")
@@ -266,7 +279,7 @@ class EvalConfig:
 
     def validate(self) -> Iterator[tuple[str, str]]:
         yield from _positive(self, "n", "max_new_tokens", "batch_size", "keep")
-        for name in ("limit", "token_budget", "threads"):
+        for name in ("limit", "token_budget", "threads", "show_examples"):
             if getattr(self, name) < 0:
                 yield name, f"must be >= 0, got {getattr(self, name)}"
         if self.temperature <= 0:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from posttrain.losses.chunked import CHUNK_TOKENS, chunked_token_logps
 from posttrain.models.varlen import packed_attention
+from posttrain.models.virtual import PREFIX_TYPES, PROMPT_TYPES, packed_inputs, virtual_tokens
 
 # Model types whose causal LM computes ``logits = lm_head(decoder(...).last_hidden_state)``, the last two
 # entries with a scale or soft-cap read from the config (``output_head``); tests/test_memory.py checks each
@@ -46,9 +47,12 @@ def output_head(model: Any) -> OutputHead | None:
     """
     if hasattr(model, "peft_config"):
         adapter = model.active_peft_config
-        if str(adapter.peft_type.value) not in LAYER_ADAPTERS or getattr(adapter, "alora_invocation_tokens", None):
+        kind = str(adapter.peft_type.value)
+        if kind not in LAYER_ADAPTERS | PROMPT_TYPES | PREFIX_TYPES or getattr(
+            adapter, "alora_invocation_tokens", None
+        ):
             return None
-        model = model.get_base_model()  # its layers carry the adapters
+        model = model.get_base_model()  # its layers carry the adapters; virtual tokens are added by packed_logps
     config = getattr(model, "config", None)
     kind = getattr(config, "model_type", None)
     if kind not in PLAIN_HEADS | SOFTCAPPED_HEADS | SCALED_HEADS.keys():
@@ -91,13 +95,19 @@ def packed_logps(
     (torch.Size([1, 5]), torch.Size([1, 5]))
     """
     split = output_head(model)
-    inputs = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False, **layout)
+    inputs, real = dict(input_ids=input_ids, position_ids=position_ids, **layout), None
+    tokens = virtual_tokens(model)
+    if tokens is not None:  # prompt/prefix tuning: virtual tokens in front of each sequence (models/virtual.py)
+        inputs, real = packed_inputs(model, tokens, input_ids, position_ids, layout)
     with packed_attention(model):
         if split is not None:
-            states = split.decoder(**inputs).last_hidden_state[0]  # (S, H)
+            states = split.decoder(**inputs, use_cache=False).last_hidden_state[0]  # (S, H)
         else:
-            output = model(**inputs, output_hidden_states=return_hidden)
+            base = model.get_base_model() if tokens is not None else model
+            output = base(**inputs, use_cache=False, output_hidden_states=return_hidden)
             states = output.logits[0]  # (S, V): the model's own logits, read a chunk at a time below
+    if real is not None:
+        states = states[real]
     if positions is not None:
         states = states[positions]
     head = {"head": None} if split is None else {"head": split.head, "scale": split.scale, "softcap": split.softcap}
@@ -115,5 +125,6 @@ def packed_logps(
             stats["hidden"] = states
         else:
             last = output.hidden_states[-1][0]
+            last = last if real is None else last[real]
             stats["hidden"] = last if positions is None else last[positions]
     return logps, stats

@@ -105,8 +105,27 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def load_model(spec: str, *, dtype: str = "float32", trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """(model, tokenizer) for a model dir, adapter dir, builtin or hub id (see module docstring)."""
+def adapter_type(path: str | Path) -> str | None:
+    """The peft type (``LORA``, ``PROMPT_TUNING``, ...) of an adapter directory, or None for anything else.
+
+    >>> adapter_type(resolve("builtin:tiny-base")) is None
+    True
+    """
+    config = Path(path) / "adapter_config.json"
+    if not is_adapter(str(path)):
+        return None
+    try:
+        return str(json.loads(config.read_text()).get("peft_type", ""))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{config}: unreadable adapter config ({err})") from None
+
+
+def load_model(
+    spec: str, *, dtype: str = "float32", trust_remote_code: bool = False, trainable: bool = False
+) -> tuple[Any, Any]:
+    """(model, tokenizer) for a model dir, adapter dir, builtin or hub id (see module docstring); ``trainable``
+    loads an adapter with its weights trainable (to go on training it). A builtin model records its
+    ``builtin:NAME`` as its name, so adapters trained on it name the builtin, not a cache path."""
     from transformers import AutoModelForCausalLM
 
     path = resolve(spec)
@@ -117,10 +136,16 @@ def load_model(spec: str, *, dtype: str = "float32", trust_remote_code: bool = F
 
         base_spec = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
         base, _ = load_model(base_spec, dtype=dtype, trust_remote_code=trust_remote_code)
-        model = PeftModel.from_pretrained(base, path)
+        prompt = adapter_type(path) in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+        model = PeftModel.from_pretrained(base, path, is_trainable=trainable and not prompt)
+        if trainable and prompt:  # peft refuses is_trainable here; its virtual tokens are the whole adapter
+            model.active_peft_config.inference_mode = False
+            model.prompt_encoder.requires_grad_(True)
         tokenizer_dir = path if (Path(path) / "tokenizer_config.json").is_file() else resolve(base_spec)
         return model, load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
     model = _from_pretrained(AutoModelForCausalLM, path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    if spec.startswith("builtin:"):
+        model.name_or_path = spec  # what peft records as an adapter's base
     return model, load_tokenizer(path, trust_remote_code=trust_remote_code)
 
 

@@ -29,17 +29,21 @@ def add_adapters(
     alpha: float = 16.0,
     dropout: float = 0.0,
     targets: Sequence[str] = (),
+    virtual_tokens: int = 16,
 ) -> Any:
     """Wrap ``model`` in a ``peft`` model of ``method``: ``lora``, ``dora`` (LoRA with a learned magnitude per
-    output, Liu et al. 2024), ``rslora`` (LoRA scaled by alpha/sqrt(r), Kalajdzievski 2023) or ``ia3`` (learned
-    rescaling of keys, values and the MLP's inner activations, Liu et al. 2022). Only adapter weights train.
+    output, Liu et al. 2024), ``rslora`` (LoRA scaled by alpha/sqrt(r), Kalajdzievski 2023), ``ia3`` (learned
+    rescaling of keys, values and the MLP's inner activations, Liu et al. 2022), ``prompt`` (``virtual_tokens``
+    learned input embeddings in front of each sequence, initialised from sampled vocabulary embeddings; Lester et
+    al. 2021) or ``prefix`` (learned keys and values in every layer; Li & Liang 2021). Only adapter weights
+    train. Prompt learning runs on packed rows through ``posttrain.models.virtual``.
 
     >>> from posttrain.models.tiny import build_model, build_tokenizer
     >>> ia3 = add_adapters(build_model(build_tokenizer()), "ia3")
     >>> sorted({n.split(".")[-2] for n, p in ia3.named_parameters() if p.requires_grad})
     ['ia3_l']
     """
-    from peft import IA3Config, LoraConfig, TaskType, get_peft_model
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 
     if method in ("lora", "dora", "rslora"):
         config = LoraConfig(
@@ -56,6 +60,12 @@ def add_adapters(
         if targets:  # feed-forward modules scale their input, the others their output (peft's convention)
             kwargs = {"target_modules": list(targets), "feedforward_modules": [t for t in targets if t in FEEDFORWARD]}
         config = IA3Config(task_type=TaskType.CAUSAL_LM, **kwargs)
+    elif method == "prompt":
+        config = PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual_tokens, prompt_tuning_init="SAMPLE_VOCAB"
+        )
+    elif method == "prefix":
+        config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual_tokens)
     else:
         raise ValueError(f"unknown peft method {method!r}")
     return get_peft_model(model, config)
@@ -69,8 +79,15 @@ def merge_adapter(base: str, adapter: str, out: str | Path, *, dtype: str = "flo
     """Write ``base`` + ``adapter`` as one plain HF model directory (loadable without peft or posttrain)."""
     from peft import PeftModel
 
-    from posttrain.models.loading import load_model, save_model_dir
+    from posttrain.errors import ModelError
+    from posttrain.models.loading import adapter_type, load_model, save_model_dir
 
+    kind = adapter_type(adapter)
+    if kind in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
+        raise ModelError(
+            f"{adapter}: a {kind.lower()} adapter adds virtual tokens, it has no weights to fold into the base;"
+            " use it as it is (posttrain eval/generate --model ADAPTER_DIR, or peft's PeftModel.from_pretrained)"
+        )
     model, tokenizer = load_model(base, dtype=dtype)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     save_model_dir(merged, tokenizer, Path(out))

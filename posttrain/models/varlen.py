@@ -47,16 +47,26 @@ def varlen_attention(
     ``posttrain_groups`` for shared prefixes (see ``prefix_attention``)."""
     gqa = query.shape[1] != key.shape[1]
     p = dropout if module.training else 0.0
+    virtual = kwargs.get("posttrain_virtual_kv")
+    if virtual is not None:  # prefix tuning: this layer's learned keys/values, seen by every sequence
+        virtual = tuple(t.to(key.dtype) for t in virtual[module.layer_idx])
     if kwargs.get("posttrain_groups"):
-        out = prefix_attention(query, key, value, kwargs["posttrain_groups"], scale=scaling, dropout_p=p, gqa=gqa)
+        groups = kwargs["posttrain_groups"]
+        out = prefix_attention(query, key, value, groups, scale=scaling, dropout_p=p, gqa=gqa, virtual=virtual)
         return out.transpose(1, 2).contiguous(), None
     bounds = kwargs.get("posttrain_bounds") or (0, query.shape[2])
     # split (not per-sequence slicing): one backward op per tensor instead of a full-size zero-fill per slice.
     lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
-    parts = [
-        F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=p, enable_gqa=gqa)
-        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
-    ]
+    if virtual is not None:
+        parts = [
+            _after(q, virtual, k, v, scale=scaling, dropout_p=p, gqa=gqa)
+            for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
+        ]
+    else:
+        parts = [
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=p, enable_gqa=gqa)
+            for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
+        ]
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     return out.transpose(1, 2).contiguous(), None
 
@@ -70,6 +80,7 @@ def prefix_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     gqa: bool = False,
+    virtual: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention for packed groups that share a prefix: (1, H, S, D) -> (1, H, S, D).
 
@@ -81,24 +92,39 @@ def prefix_attention(
     lengths = [n for prefix, branches in groups for n in (prefix, *branches)]
     qs, ks, vs = query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)
     out, i = [], 0
-    for prefix, branches in groups:
+    for _prefix, branches in groups:
         kp, vp = ks[i], vs[i]
-        out.append(
-            F.scaled_dot_product_attention(
-                qs[i], kp, vp, is_causal=True, scale=scale, dropout_p=dropout_p, enable_gqa=gqa
-            )
-        )
-        for j, n in enumerate(branches, start=i + 1):
-            # Row r of the branch sees the prefix and branch positions <= r (bottom-right aligned causal mask).
-            mask = torch.ones(n, prefix + n, dtype=torch.bool, device=query.device).tril(diagonal=prefix)
-            k, v = torch.cat([kp, ks[j]], dim=2), torch.cat([vp, vs[j]], dim=2)
+        if virtual is not None:
+            out.append(_after(qs[i], virtual, kp, vp, scale=scale, dropout_p=dropout_p, gqa=gqa))
+            kp, vp = torch.cat([virtual[0], kp], dim=2), torch.cat([virtual[1], vp], dim=2)
+        else:
             out.append(
                 F.scaled_dot_product_attention(
-                    qs[j], k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p, enable_gqa=gqa
+                    qs[i], kp, vp, is_causal=True, scale=scale, dropout_p=dropout_p, enable_gqa=gqa
                 )
             )
+        for j in range(i + 1, i + 1 + len(branches)):
+            out.append(_after(qs[j], (kp, vp), ks[j], vs[j], scale=scale, dropout_p=dropout_p, gqa=gqa))
         i += 1 + len(branches)
     return out[0] if len(out) == 1 else torch.cat(out, dim=2)
+
+
+def _after(
+    query: torch.Tensor,
+    before: tuple[torch.Tensor, torch.Tensor],
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scale: float | None,
+    dropout_p: float,
+    gqa: bool,
+) -> torch.Tensor:
+    """Causal attention of one sequence that also sees all of ``before`` (keys, values) in front of it: row r
+    attends to every position of ``before`` and its own positions <= r (a bottom-right aligned causal mask)."""
+    n, m = query.shape[2], before[0].shape[2]
+    mask = torch.ones(n, m + n, dtype=torch.bool, device=query.device).tril(diagonal=m)
+    k, v = torch.cat([before[0], key], dim=2), torch.cat([before[1], value], dim=2)
+    return F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p, enable_gqa=gqa)
 
 
 AttentionInterface.register(NAME, varlen_attention)

@@ -28,7 +28,9 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 
+from posttrain.errors import ConfigError
 from posttrain.models.varlen import decoding_attention
+from posttrain.models.virtual import is_prompt_learning, prepare_cache, virtual_tokens
 
 
 @dataclass(frozen=True)
@@ -225,18 +227,36 @@ class HFEngine:
 
     def decoding_model(self, purpose: str) -> Any:
         """See ``RolloutEngine.decoding_model``: the model sampled from."""
+        if is_prompt_learning(self.model):
+            raise ConfigError(
+                f"{purpose}: a prompt- or prefix-tuning adapter decodes only through the rollout engine (strategies"
+                " greedy, sample, best_of_n, self_consistency); merge cannot fold it either: use a LoRA-family adapter"
+            )
         return self.model
 
     def _prefill(self, prompt_ids: list[list[int]], max_new_tokens: int) -> tuple[Tensor, Tensor, Any]:
-        """Left-padded prefill: (last-position logits (N, V), attention mask (N, P), cache)."""
+        """Left-padded prefill: (last-position logits (N, V), attention mask (N, P), cache). A prompt-learning
+        adapter's V virtual tokens go in front of the padding (its ones lead the mask; positions start after
+        them), as embeddings (prompt tuning) or as the cache's first V entries (prefix tuning)."""
         pad = self.tokenizer.pad_token_id
         width = max(len(p) for p in prompt_ids)
         device = next(self.model.parameters()).device
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=device)
         attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        cache = make_cache(self.model, width + max_new_tokens)
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+        tokens = virtual_tokens(self.model)
+        v = tokens.count if tokens is not None else 0
+        cache = make_cache(self.model, v + width + max_new_tokens)
+        inputs: dict[str, Tensor] = {"input_ids": ids}
+        if tokens is not None:
+            attn = torch.cat([torch.ones_like(attn[:, :v]), attn], dim=-1)
+            if tokens.embeds is not None:
+                embeds = self._model.get_input_embeddings()(ids)
+                prompt = tokens.embeds.to(embeds.dtype).expand(len(prompt_ids), -1, -1)
+                inputs = {"inputs_embeds": torch.cat([prompt, embeds], dim=1)}
+            else:
+                cache = prepare_cache(self.model, tokens, cache, len(prompt_ids))
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, -(inputs.get("inputs_embeds", ids).shape[1]) :]
+        out = self._model(**inputs, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
         return out.logits[:, -1], attn, out.past_key_values
 
     @torch.no_grad()
@@ -254,6 +274,9 @@ class HFEngine:
 
     def _generate(self, prompts: list[str], params: SamplingParams, seed: int | list[int]) -> Rollouts:
         tok = self.tokenizer
+        # peft's forward would add a prompt-learning adapter's virtual tokens at every step: decode with the base
+        # model, the virtual tokens put in once by _prefill.
+        self._model = self.model.get_base_model() if is_prompt_learning(self.model) else self.model
         prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         g = params.n
         prompt_index = [i for i in range(len(prompts)) for _ in range(g)]
@@ -307,7 +330,7 @@ class HFEngine:
                 active, new, attn, positions = active[idx], new[idx], attn[idx], positions[idx]
                 cache.batch_select_indices(idx)
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=-1)
-            out = self.model(
+            out = self._model(
                 input_ids=new[:, None],
                 attention_mask=attn,
                 position_ids=positions[:, None],

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from posttrain.errors import ConfigError
+from posttrain.models.virtual import is_prompt_learning
 from posttrain.rollout.engine import HFEngine, RolloutEngine
 
 ENGINES = ("hf", "vllm")
@@ -69,6 +70,10 @@ def make_engine(kind: str, model: Any, tokenizer: Any, *, dtype: str = "auto", *
     if kind == "hf":
         sampled = rollout_model(model, dtype, copy=options.pop("copy", False))
         return HFEngine(sampled, tokenizer, **options)
+    if is_prompt_learning(model):
+        raise ConfigError(
+            "rollout_engine: vllm samples from merged weights, and a prompt/prefix adapter has none to merge: use hf"
+        )
     reason = vllm_unavailable()
     if reason:
         raise ConfigError(f"rollout_engine: vllm cannot run here: {reason}; {VLLM_INSTALL}, or use hf")

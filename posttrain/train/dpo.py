@@ -30,6 +30,7 @@ from posttrain.errors import ConfigError, DataError
 from posttrain.losses.preference import PAIRED_LOSSES, REFERENCE_FREE, kto_loss, kto_reference_point
 from posttrain.losses.reduce import row_mean
 from posttrain.models.forward import packed_logps
+from posttrain.models.virtual import adapters_disabled, continues_adapter
 from posttrain.rundir import save_tensors_atomic
 from posttrain.train.policy import default_eval_data, model_for_training
 from posttrain.train.scaffold import Run, Stage, even_chunks, fingerprint, forward_rows, model_fingerprint, run_stage
@@ -90,7 +91,9 @@ def reference_logps(
     model.eval()
     rows = list(range(len(items))) if rows is None else rows
     out = torch.full((len(items), len(items[0])), math.nan)
-    adapters_off = model.disable_adapter() if adapter_method(cfg) else nullcontext()
+    # The starting model: under an adapter, the base with it disabled (a continued prompt adapter is its own start:
+    # this pass runs before any update).
+    adapters_off = adapters_disabled(model) if adapter_method(cfg) and not continues_adapter(model) else nullcontext()
     with adapters_off:
         size = forward_rows(cfg)
         shown = cfg.progress and os.environ.get("RANK", "0") == "0" and len(rows) > size

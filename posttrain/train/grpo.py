@@ -21,6 +21,7 @@ from posttrain.distributed import DistContext
 from posttrain.losses.kl import KL_ESTIMATORS
 from posttrain.losses.policy import POLICY_LOSSES
 from posttrain.losses.reduce import masked_sum
+from posttrain.models.virtual import adapters_disabled
 from posttrain.rewards import score_completions
 from posttrain.rewards.shaping import overlong_penalty
 from posttrain.rollout import SamplingParams
@@ -138,7 +139,7 @@ class GRPOStage(RLStage):
                     if self.reference is not None:
                         ref[k] = completion_logps(self.reference, rollouts, temperature=cfg.temperature, rows=chunk)
                     else:
-                        with run.model.module.disable_adapter():
+                        with adapters_disabled(run.model.module):
                             ref[k] = run.model.forward(
                                 lambda m, c=chunk: completion_logps(m, rollouts, temperature=cfg.temperature, rows=c)
                             )

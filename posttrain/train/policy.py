@@ -9,9 +9,11 @@ from typing import Any
 import torch
 
 from posttrain.config import DEFAULT_LORA_RANK, adapter_method
-from posttrain.models.loading import load_model, save_model_dir
+from posttrain.errors import ConfigError
+from posttrain.models.loading import adapter_type, load_model, resolve, save_model_dir
 from posttrain.models.lora import add_adapters
 from posttrain.models.templates import use_chat_template
+from posttrain.models.virtual import CONTINUED
 
 FRESH_MODELS = {"builtin:tiny": "tiny", "builtin:small": "small"}
 
@@ -26,6 +28,9 @@ def model_for_training(cfg: Any, device: torch.device) -> tuple[Any, Any]:
     new adapters name it: the result loads as trained."""
     torch.manual_seed(cfg.seed)
     stacked = False
+    method = adapter_method(cfg)
+    if cfg.model not in FRESH_MODELS and adapter_type(resolve(cfg.model)) in VIRTUAL_TYPES:
+        return _continue_virtual(cfg, method, device)
     if cfg.model in FRESH_MODELS:
         from posttrain.models.tiny import build_model, build_tokenizer
 
@@ -39,7 +44,6 @@ def model_for_training(cfg: Any, device: torch.device) -> tuple[Any, Any]:
             model = model.merge_and_unload()
             stacked = True
     tokenizer = use_chat_template(tokenizer, getattr(cfg, "chat_template", ""), key="model.chat_template")
-    method = adapter_method(cfg)
     if method is not None and stacked and cfg.out:
         base = Path(cfg.out) / "base"
         if int(os.environ.get("RANK", "0")) == 0:
@@ -49,9 +53,33 @@ def model_for_training(cfg: Any, device: torch.device) -> tuple[Any, Any]:
     if method is not None:
         rank = cfg.lora_rank or DEFAULT_LORA_RANK
         model = add_adapters(
-            model, method, rank=rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets
+            model,
+            method,
+            rank=rank,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            targets=cfg.lora_targets,
+            virtual_tokens=cfg.virtual_tokens,
         )
     return model, tokenizer
+
+
+VIRTUAL_TYPES = {"PROMPT_TUNING": "prompt", "P_TUNING": "prompt", "PREFIX_TUNING": "prefix"}
+
+
+def _continue_virtual(cfg: Any, method: str | None, device: torch.device) -> tuple[Any, Any]:
+    """A stage started from a prompt/prefix adapter: its virtual tokens cannot be folded into the weights, so the
+    stage goes on training that adapter (same method); anything else would silently drop it."""
+    kind = VIRTUAL_TYPES[adapter_type(resolve(cfg.model))]
+    if method != kind:
+        raise ConfigError(
+            f"model: {cfg.model} is a {kind}-tuning adapter, which cannot be merged into the weights; a stage started"
+            f" from it goes on training it: set peft: {kind} (got {method or 'none'})"
+        )
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, trainable=True)
+    tokenizer = use_chat_template(tokenizer, getattr(cfg, "chat_template", ""), key="model.chat_template")
+    setattr(model, CONTINUED, True)
+    return model.to(device), tokenizer
 
 
 def default_eval_data(data: str) -> str:

@@ -32,6 +32,7 @@ from posttrain.losses.ppo import (
 )
 from posttrain.losses.reduce import masked_sum
 from posttrain.models.loading import save_model_dir
+from posttrain.models.virtual import adapters_disabled
 from posttrain.rewards import score_completions
 from posttrain.rollout import SamplingParams
 from posttrain.rollout.scoring import completion_logps
@@ -118,7 +119,7 @@ class PPOStage(RLStage):
                 if self.reference is not None:
                     ref_logps = completion_logps(self.reference, rollouts, temperature=cfg.temperature)
                 else:
-                    with pv.policy.disable_adapter():
+                    with adapters_disabled(pv.policy):
                         ref_logps = run.model.forward(
                             lambda m: completion_logps(m.policy, rollouts, temperature=cfg.temperature)
                         )

@@ -17,6 +17,7 @@ from posttrain.data.encode import render_prompt
 from posttrain.data.rows import load_rows, validate_rows
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval.harness import heldout_accuracy
+from posttrain.models.virtual import continues_adapter
 from posttrain.rewards import check_reward_columns, parse_rewards
 from posttrain.rewards.verify import score_answer
 from posttrain.rollout.factory import make_engine
@@ -60,9 +61,10 @@ def heldout_rows(cfg: Any, stage: str) -> list[dict]:
 
 
 def make_reference(model: Any, cfg: Any) -> Any:
-    """The KL reference: none without KL; with LoRA none either (the base with adapters disabled serves, so no
-    second copy is held); else a frozen copy of the starting model (taken before any sharding)."""
-    if cfg.kl_coef == 0 or adapter_method(cfg):
+    """The KL reference: none without KL; with adapters none either (the base with adapters disabled serves, so no
+    second copy is held); else (and for a continued prompt/prefix adapter, whose start is the adapter as loaded)
+    a frozen copy of the starting model (taken before any sharding)."""
+    if cfg.kl_coef == 0 or (adapter_method(cfg) and not continues_adapter(model)):
         return None
     return copy.deepcopy(model).eval().requires_grad_(False)
 
