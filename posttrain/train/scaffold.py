@@ -267,6 +267,7 @@ RESUMABLE_KEYS = frozenset(
         "eval_limit",
         "reward_timeout_s",
         "reward_on_error",
+        "gradient_checkpointing",  # same gradients (tests/test_memory.py), only memory and time change
     }
 )
 
