@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
             info.name, help=info.description, description=info.description + "\n\n" + (info.config.__doc__ or "")
         )
         _add_config_flags(p, info.config)
-    description = "accuracy (strict/lenient), pass@k, perplexity and search strategies on held-out rows"
+    description = "accuracy (strict/lenient/fair), pass@k, perplexity and search strategies on held-out rows"
     _add_config_flags(sub.add_parser("eval", help=description, description=description), EvalConfig)
     gen = sub.add_parser("generate", help="generate completions for prompts")
     gen.add_argument("--model", required=True)
@@ -265,10 +265,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if summary.get("world_size", 1) == 1 or _rank() == 0:
                 print(json.dumps({k: summary.get(k) for k in info.prints}))
         elif args.command == "eval":
-            from posttrain.eval.harness import evaluate
+            from posttrain.eval.harness import evaluate, format_examples
 
             result = evaluate(_stage_config(EvalConfig, args, "eval"))
             print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=1))
+            if result.get("examples"):  # to stderr: stdout stays one JSON document
+                print(format_examples(result["examples"]), file=sys.stderr)
         elif args.command == "generate":
             _generate(args)
         elif args.command == "inspect":

@@ -1,6 +1,12 @@
 """Recipes: stages in order, each reading the previous stage's artifact, with one evaluation suite measured
 on the starting model and after every stage (held-out accuracy, retention, perplexity).
 
+The suite reports the first task's strict, lenient and fair accuracy (``accuracy``, ``accuracy_lenient``,
+``accuracy_fair``), the other tasks' strict and fair accuracy as retention (``retention``, ``retention_fair`` and
+their means ``retention_accuracy``, ``retention_accuracy_fair``), and perplexity on ``perplexity_data``: by
+default ``text:general``, ordinary English prose (``posttrain.tasks.text``), the fair choice for a real model;
+the tiny model's recipes measure ``corpus:val``, its own pretraining text; ``""`` measures none.
+
 A recipe is YAML::
 
     out: runs/demo
@@ -29,11 +35,13 @@ from posttrain.config import EvalConfig, build_config, coerce
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.rundir import check_run_dir, claim, write_atomic
 from posttrain.stages import STAGES
+from posttrain.tasks.text import is_text_source, text_rows
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 QUICKSTART = RECIPES / "quickstart.yaml"
 TOP_KEYS = {"name", "out", "evaluate", "stages", "description", "search"}
 SUITE_KEYS = {"tasks", "perplexity_data", "limit", "max_new_tokens", "batch_size"}
+DEFAULT_PERPLEXITY = "text:general"  # the suite's perplexity set when a recipe names none
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
@@ -103,18 +111,38 @@ def stage_config(
     return kind, build_config(STAGES[kind].config, values, path=f"stages[{index}]({stage['name']})")
 
 
+def suite_perplexity_source(recipe: dict[str, Any]) -> str:
+    """The text the suite measures perplexity on: the recipe's ``evaluate.perplexity_data``, else
+    ``DEFAULT_PERPLEXITY``; an empty value (or none) measures none. A shipped text set is checked here, at load
+    time.
+
+    >>> suite_perplexity_source({}), suite_perplexity_source({"evaluate": {"perplexity_data": "corpus:val"}})
+    ('text:general', 'corpus:val')
+    """
+    source = (recipe.get("evaluate") or {}).get("perplexity_data", DEFAULT_PERPLEXITY)
+    source = coerce("" if source is None else source, str, "evaluate.perplexity_data")
+    if source and is_text_source(source):
+        try:
+            text_rows(source)
+        except ConfigError as err:
+            raise ConfigError(f"evaluate.perplexity_data: {err}") from None
+    return source
+
+
 def suite_configs(recipe: dict[str, Any]) -> list[EvalConfig]:
     suite = recipe.get("evaluate") or {}
     for key in suite:
         if key not in SUITE_KEYS:
             raise ConfigError(f"evaluate.{key}: unknown key (valid: {', '.join(sorted(SUITE_KEYS))})")
+    suite_perplexity_source(recipe)
     tasks = coerce(suite.get("tasks", []), list[str], "evaluate.tasks")
     common = {k: suite[k] for k in ("limit", "max_new_tokens", "batch_size") if k in suite}
     return [build_config(EvalConfig, {"task": t, **common}, path="evaluate") for t in tasks]
 
 
 def run_suite(model_spec: str, recipe: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
-    """The recipe's evaluation suite on one model: the first task is the target, the others measure retention."""
+    """The recipe's evaluation suite on one model: the first task is the target, the others measure retention
+    (strict and fair); perplexity on ``suite_perplexity_source``."""
     from posttrain.distributed import resolve_device
     from posttrain.eval.harness import evaluate_model, perplexity
     from posttrain.models.loading import load_model
@@ -124,18 +152,24 @@ def run_suite(model_spec: str, recipe: dict[str, Any], *, progress: bool = True)
     out: dict[str, Any] = {"tasks": {}}
     for i, cfg in enumerate(suite_configs(recipe)):
         result = evaluate_model(model, tokenizer, replace(cfg, progress=progress))
-        out["tasks"][cfg.task] = {
-            k: result[k] for k in ("accuracy", "accuracy_strict", "accuracy_lenient", "rows", "tokens_per_question")
-        }
+        keys = ("accuracy", "accuracy_strict", "accuracy_lenient", "accuracy_fair", "rows", "tokens_per_question")
+        out["tasks"][cfg.task] = {k: result[k] for k in keys}
         if i == 0:
-            out.update(accuracy=result["accuracy_strict"], accuracy_lenient=result["accuracy_lenient"])
+            out.update(
+                accuracy=result["accuracy_strict"],
+                accuracy_lenient=result["accuracy_lenient"],
+                accuracy_fair=result["accuracy_fair"],
+            )
         else:
             out.setdefault("retention", {})[cfg.task] = result["accuracy_strict"]
+            out.setdefault("retention_fair", {})[cfg.task] = result["accuracy_fair"]
     if out.get("retention"):
         out["retention_accuracy"] = sum(out["retention"].values()) / len(out["retention"])
-    source = (recipe.get("evaluate") or {}).get("perplexity_data")
+        out["retention_accuracy_fair"] = sum(out["retention_fair"].values()) / len(out["retention_fair"])
+    source = suite_perplexity_source(recipe)
     if source:
         out["perplexity"] = perplexity(model, tokenizer, source)
+        out["perplexity_data"] = source
     return out
 
 

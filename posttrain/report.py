@@ -12,12 +12,17 @@ from typing import Any
 
 from posttrain.stages import STAGES
 
+# Stage-table columns: the target task's strict, lenient and fair accuracy, the retention tasks' strict and fair
+# accuracy, perplexity (rules of the three accuracies: posttrain.tasks.answers).
 COLUMNS = [
     ("accuracy", "strict acc"),
     ("accuracy_lenient", "lenient acc"),
+    ("accuracy_fair", "fair acc"),
     ("retention_accuracy", "retention acc"),
+    ("retention_accuracy_fair", "retention fair"),
     ("perplexity", "perplexity"),
 ]
+ACCURACY_COLUMNS = [c for c in COLUMNS if c[0] != "perplexity"]  # the bars of "accuracy by stage"
 
 
 def _fmt(value: Any, key: str) -> str:
@@ -27,6 +32,13 @@ def _fmt(value: Any, key: str) -> str:
 
 
 def stage_rows(stages: list[dict[str, Any]]) -> list[list[str]]:
+    """The stage table's cells, one row per stage ("-" where a stage has no such figure).
+
+    >>> ev = {"accuracy": 0.1, "accuracy_lenient": 0.5, "accuracy_fair": 0.25, "retention_accuracy": 0.028,
+    ...       "retention_accuracy_fair": 0.02, "perplexity": 12.345}
+    >>> stage_rows([{"name": "sft", "source": "trained", "eval": ev, "train_wall_s": 1, "wall_s": 2}])
+    [['sft', 'trained', '10.0%', '50.0%', '25.0%', '2.8%', '2.0%', '12.35', '1.0s', '2.0s']]
+    """
     rows = []
     for s in stages:
         ev = s.get("eval", {})
@@ -53,11 +65,20 @@ def _print_table(header: list[str], body: list[list[str]]) -> None:
 
 
 def print_stage_table(stages: list[dict[str, Any]]) -> None:
-    """Print the stage table (held-out strict/lenient accuracy, retention, perplexity, wall time)."""
+    """Print the stage table (held-out strict/lenient/fair accuracy, retention strict/fair, perplexity, wall time)."""
     _print_table(HEADER, stage_rows(stages))
 
 
-SEARCH_HEADER = ["strategy", "n", "strict acc", "oracle pass@n", "tokens/question", "forward passes/q", "s/question"]
+SEARCH_HEADER = [
+    "strategy",
+    "n",
+    "strict acc",
+    "fair acc",
+    "oracle pass@n",
+    "tokens/question",
+    "forward passes/q",
+    "s/question",
+]
 
 
 def search_rows(points: list[dict[str, Any]]) -> list[list[str]]:
@@ -66,6 +87,7 @@ def search_rows(points: list[dict[str, Any]]) -> list[list[str]]:
             p["strategy"],
             str(p["n"]),
             f"{100 * p['accuracy']:.1f}%",
+            _fmt(p.get("accuracy_fair"), "accuracy_fair"),
             f"{100 * p['oracle_pass_at_n']:.1f}%",
             f"{p['tokens_per_question']:.0f}",
             f"{p['forward_passes_per_question']:.0f}",
@@ -165,10 +187,11 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
         plt.close("all")
     fig, ax = plt.subplots(figsize=(6, 3.2))
     names = [s["name"] for s in stages]
-    width = 0.27
-    for j, (key, label) in enumerate(COLUMNS[:3]):
+    width = 0.8 / len(ACCURACY_COLUMNS)
+    for j, (key, label) in enumerate(ACCURACY_COLUMNS):
         values = [100 * (s.get("eval", {}).get(key) or 0) for s in stages]
-        ax.bar([i + (j - 1) * width for i in range(len(stages))], values, width, label=label)
+        offset = (j - (len(ACCURACY_COLUMNS) - 1) / 2) * width
+        ax.bar([i + offset for i in range(len(stages))], values, width, label=label)
     ax.set_xticks(range(len(stages)), names)
     ax.set_ylabel("% of held-out problems")
     ax.set_ylim(0, 100)

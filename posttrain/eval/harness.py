@@ -1,10 +1,16 @@
-"""``posttrain eval``: accuracy (strict and lenient), pass@k and perplexity of a model on held-out rows.
+"""``posttrain eval``: accuracy (strict, lenient and fair), pass@k and perplexity of a model on held-out rows.
+
+Every reply gets three marks (rules in ``posttrain.tasks.answers``): *strict* (the expected format, the headline
+``accuracy``), *lenient* (the final answer, case and format ignored) and *fair* (what a real instruction-tuned
+model can earn without the format: the task's ``fair``, ``fair_answer`` for user rows). The result keeps the
+first ``show_examples`` replies with their marks.
 
 >>> from posttrain.config import build_config, EvalConfig
->>> cfg = build_config(EvalConfig, {"task": "uppercase", "limit": 8, "max_new_tokens": 12}, path="eval")
+>>> values = {"task": "uppercase", "limit": 8, "max_new_tokens": 12, "show_examples": 2}
+>>> cfg = build_config(EvalConfig, values, path="eval")
 >>> result = evaluate(cfg)
->>> 0.0 <= result["accuracy"] <= 1.0, result["rows"]
-(True, 8)
+>>> 0.0 <= result["accuracy_fair"] <= 1.0, result["rows"], len(result["examples"]), sorted(result["examples"][0])
+(True, 8, 2, ['answer', 'completion', 'fair', 'lenient', 'prompt', 'strict'])
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,45 +35,110 @@ from posttrain.models.templates import use_chat_template
 from posttrain.rewards.verify import score_answer
 from posttrain.rollout import SamplingParams
 from posttrain.rundir import check_output_file, write_atomic
-from posttrain.tasks import get_task
+from posttrain.tasks import Task, get_task
+from posttrain.tasks.answers import fair_answer
+from posttrain.tasks.text import is_text_source, text_rows
+
+Marks = tuple[bool, bool, bool]  # (strict, lenient, fair) of one reply
 
 
-def _rows_and_scorer(cfg: Any) -> tuple[list[dict], Any, str]:
-    """The eval rows, their scorer and a name for their source. Built-in tasks and user files alike are scored
-    by ``score_answer``, the one verifier (a task's ``score`` is the same function)."""
+def marks_scorer(task: Task | None = None) -> Callable[[str, str], Marks]:
+    """The scorer of a task's rows (``task``) or of user rows (None): a reply and its gold answer -> (strict,
+    lenient, fair). Strict and lenient are ``score_answer`` for every task; fair is the task's ``fair``, and
+    ``fair_answer`` for user rows.
+
+    >>> score = marks_scorer(get_task("uppercase"))
+    >>> score("PLOMK", "PLOMK"), score("plomk", "PLOMK"), score("Here it is:\\nPLOMK", "PLOMK")
+    ((True, True, True), (False, True, False), (False, True, True))
+    >>> marks_scorer()("so 2 + 3 = 5", "5")
+    (False, True, True)
+    """
+    fair = task.fair if task is not None else fair_answer
+
+    def score(completion: str, answer: str) -> Marks:
+        strict, lenient = score_answer(completion, answer)
+        return strict, lenient, fair(completion, answer)
+
+    return score
+
+
+def _rows_and_scorer(cfg: Any) -> tuple[list[dict], Callable[[str, str], Marks], str]:
+    """The eval rows, their (strict, lenient, fair) scorer (``marks_scorer``) and a name for their source. Built-in
+    tasks and user files alike get strict and lenient from ``score_answer``, the one verifier (a task's ``score``
+    is the same function); fair is the task's own rule, ``fair_answer`` for a user file."""
     if bool(cfg.task) == bool(cfg.data):
         raise ConfigError(
             "eval: give exactly one of task (a built-in task name) or data (a file of prompt/answer rows)"
         )
     if cfg.task:
-        return get_task(cfg.task).rows("test"), score_answer, f"task:{cfg.task}:test"
+        task = get_task(cfg.task)
+        return task.rows("test"), marks_scorer(task), f"task:{cfg.task}:test"
     rows = validate_rows(load_rows(cfg.data), "prompt", source=cfg.data).rows
     for i, row in enumerate(rows):
         if not isinstance(row.get("answer"), (str, int, float)):
             raise DataError(cfg.data, i + 1, "answer", "an eval row needs an answer (string or number)")
         row["answer"] = str(row["answer"])
-    return rows, score_answer, cfg.data
+    return rows, marks_scorer(), cfg.data
 
 
-def heldout_accuracy(engine: Any, rows: list[dict], max_new_tokens: int) -> dict[str, float]:
-    """Greedy strict and lenient accuracy of the engine's model on ``rows`` (scored by ``score_answer``): the
-    held-out accuracy GRPO logs, shared with the harness. ``engine`` is a rollout engine (``.tokenizer``,
-    ``.generate``); sampling is greedy with seed 0, so the numbers are reproducible.
+def heldout_accuracy(
+    engine: Any, rows: list[dict], max_new_tokens: int, *, fair: Callable[[str, str], bool] = fair_answer
+) -> dict[str, float]:
+    """Greedy strict, lenient and fair accuracy of the engine's model on ``rows`` (``score_answer``, and ``fair``:
+    ``fair_answer`` unless a task's rule is given): the held-out accuracy GRPO logs, shared with the harness.
+    ``engine`` is a rollout engine (``.tokenizer``, ``.generate``); sampling is greedy with seed 0, so the
+    numbers are reproducible.
 
     >>> from types import SimpleNamespace
     >>> from posttrain.models.tiny import build_tokenizer
     >>> texts = ["5+7=12\\nAnswer: 12", "it is 7", "Answer: 8"]
     >>> engine = SimpleNamespace(tokenizer=build_tokenizer(), generate=lambda p, s, seed: SimpleNamespace(texts=texts))
-    >>> heldout_accuracy(engine, [{"prompt": "q", "answer": a} for a in ("12", "7", "9")], max_new_tokens=8)
-    {'eval_accuracy_strict': 0.3333333333333333, 'eval_accuracy_lenient': 0.6666666666666666}
+    >>> acc = heldout_accuracy(engine, [{"prompt": "q", "answer": a} for a in ("12", "7", "9")], max_new_tokens=8)
+    >>> {k: round(v, 3) for k, v in acc.items()}
+    {'eval_accuracy_strict': 0.333, 'eval_accuracy_lenient': 0.667, 'eval_accuracy_fair': 0.667}
     """
     prompts = [render_prompt(r, engine.tokenizer) for r in rows]
     out = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens), seed=0)
-    scores = [score_answer(text, str(r["answer"])) for text, r in zip(out.texts, rows)]
+    scores = [(*score_answer(text, str(r["answer"])), fair(text, str(r["answer"]))) for text, r in zip(out.texts, rows)]
     return {
-        "eval_accuracy_strict": sum(s for s, _ in scores) / len(rows),
-        "eval_accuracy_lenient": sum(le for _, le in scores) / len(rows),
+        "eval_accuracy_strict": sum(m[0] for m in scores) / len(rows),
+        "eval_accuracy_lenient": sum(m[1] for m in scores) / len(rows),
+        "eval_accuracy_fair": sum(m[2] for m in scores) / len(rows),
     }
+
+
+def example_record(prompt: Any, completion: str, answer: str, marks: Marks) -> dict[str, Any]:
+    """One kept example of an eval result: the prompt the model saw, its reply, the gold answer and the marks.
+
+    >>> example_record("Q", "it is 5", "5", (False, True, True))
+    {'prompt': 'Q', 'completion': 'it is 5', 'answer': '5', 'strict': False, 'lenient': True, 'fair': True}
+    """
+    strict, lenient, fair = marks
+    return {
+        "prompt": prompt,
+        "completion": completion,
+        "answer": answer,
+        "strict": strict,
+        "lenient": lenient,
+        "fair": fair,
+    }
+
+
+def format_examples(examples: list[dict[str, Any]]) -> str:
+    """The kept examples of an eval result as readable text (what ``posttrain eval`` can print).
+
+    >>> print(format_examples([example_record("<|user|>What is 2+3?</s><|assistant|>", "2 + 3 = 5", "5",
+    ...                                       (False, True, True))]))
+    --- example 1: strict no, lenient yes, fair yes (gold answer: '5')
+    prompt: '<|user|>What is 2+3?</s><|assistant|>'
+    2 + 3 = 5
+    """
+    marks = lambda e: ", ".join(f"{k} {'yes' if e[k] else 'no'}" for k in ("strict", "lenient", "fair"))  # noqa: E731
+    blocks = [
+        f"--- example {i}: {marks(e)} (gold answer: {e['answer']!r})\nprompt: {e['prompt']!r}\n{e['completion']}"
+        for i, e in enumerate(examples, start=1)
+    ]
+    return "\n".join(blocks)
 
 
 SEARCH_STRATEGIES = ("best_of_n", "self_consistency", "beam", "tree", "hybrid")
@@ -97,7 +169,8 @@ def search_spec(cfg: Any, n: int) -> Any:
 
 def evaluate_search(model: Any, tokenizer: Any, cfg: Any, *, helper: Any = None) -> dict[str, Any]:
     """Accuracy and compute of a search strategy at ``cfg.n`` (or at each n of ``cfg.scaling``). The chosen
-    answer is scored (strict and lenient); oracle pass@N, which looks at the gold answer, is reported apart."""
+    answer is scored (strict, lenient and fair); oracle pass@N (strict), which looks at the gold answer, is
+    reported apart. The first ``cfg.show_examples`` chosen replies (of the last n) are kept with their marks."""
     from posttrain.search import search
 
     rows, scorer, source = _rows_and_scorer(cfg)
@@ -106,16 +179,16 @@ def evaluate_search(model: Any, tokenizer: Any, cfg: Any, *, helper: Any = None)
     for n in cfg.scaling or [cfg.n]:
         torch.manual_seed(cfg.seed)
         results = search(model, tokenizer, rows, search_spec(cfg, n), helper=helper)
-        strict = [scorer(r.completion, row["answer"])[0] for r, row in zip(results, rows)]
-        lenient = [scorer(r.completion, row["answer"])[1] for r, row in zip(results, rows)]
+        marks = [scorer(r.completion, row["answer"]) for r, row in zip(results, rows)]
         oracle = [any(scorer(c, row["answer"])[0] for c in r.candidates) for r, row in zip(results, rows)]
         count = len(rows)
         points.append(
             {
                 "strategy": cfg.strategy,
                 "n": 1 if cfg.strategy == "greedy" else n,
-                "accuracy": sum(strict) / count,
-                "accuracy_lenient": sum(lenient) / count,
+                "accuracy": sum(m[0] for m in marks) / count,
+                "accuracy_lenient": sum(m[1] for m in marks) / count,
+                "accuracy_fair": sum(m[2] for m in marks) / count,
                 "oracle_pass_at_n": sum(oracle) / count,
                 "tokens_per_question": sum(r.tokens for r in results) / count,
                 "forward_passes_per_question": sum(r.forward_passes for r in results) / count,
@@ -129,8 +202,8 @@ def evaluate_search(model: Any, tokenizer: Any, cfg: Any, *, helper: Any = None)
         **last,
         "accuracy_strict": last["accuracy"],
         "examples": [
-            {"prompt": row["prompt"], "completion": r.completion, "answer": row["answer"]}
-            for r, row in list(zip(results, rows))[:5]
+            example_record(render_prompt(row, tokenizer), r.completion, row["answer"], m)
+            for r, row, m in list(zip(results, rows, marks))[: cfg.show_examples]
         ],
     }
     if cfg.scaling:
@@ -146,7 +219,7 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: Any, *, helper: Any = None) 
         raise ConfigError(f"eval.n: must be at least 1, got {cfg.n}")
     if cfg.strategy == "greedy" and cfg.n > 1:
         raise ConfigError("eval.n: greedy decoding gives one answer per prompt; use strategy sample for n > 1")
-    rows, score, source = _rows_and_scorer(cfg)
+    rows, scorer, source = _rows_and_scorer(cfg)
     rows = rows[: cfg.limit] if cfg.limit else rows
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -165,8 +238,8 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: Any, *, helper: Any = None) 
         progress=cfg.progress,
     )
     samples, new_tokens = generations.texts, generations.new_tokens
-    strict = [[score(s, r["answer"])[0] for s in group] for group, r in zip(samples, rows)]
-    lenient = [[score(s, r["answer"])[1] for s in group] for group, r in zip(samples, rows)]
+    marks = [[scorer(s, r["answer"]) for s in group] for group, r in zip(samples, rows)]
+    strict, lenient, fair = ([[m[j] for m in group] for group in marks] for j in range(3))
     mean = lambda grid: sum(sum(g) / len(g) for g in grid) / len(grid)  # noqa: E731
     result: dict[str, Any] = {
         "source": source,
@@ -176,13 +249,14 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: Any, *, helper: Any = None) 
         "accuracy": mean(strict),
         "accuracy_strict": mean(strict),
         "accuracy_lenient": mean(lenient),
+        "accuracy_fair": mean(fair),
         "pass_at_k": {
             str(k): sum(pass_at_k(n=cfg.n, c=sum(g), k=k) for g in strict) / len(rows) for k in ks_up_to(cfg.n)
         },
         "tokens_per_question": new_tokens / len(rows),
-        "examples": [
-            {"prompt": p, "completion": s[0], "answer": r["answer"], "strict": st[0], "lenient": le[0]}
-            for p, s, r, st, le in list(zip(prompts, samples, rows, strict, lenient))[:5]
+        "examples": [  # the first sample of each of the first show_examples rows
+            example_record(p, s[0], r["answer"], m[0])
+            for p, s, r, m in list(zip(prompts, samples, rows, marks))[: cfg.show_examples]
         ],
     }
     if cfg.perplexity_data:
@@ -192,12 +266,15 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: Any, *, helper: Any = None) 
 
 
 def perplexity(model: Any, tokenizer: Any, source: str, *, max_length: int = 512) -> float:
-    """Token-level perplexity of ``model`` on text rows (all tokens count)."""
+    """Token-level perplexity of ``model`` on text rows (all tokens count): a data source (a file,
+    ``corpus:val``, ...) or a shipped text set, ``text:NAME[:SPLIT]`` (``text:general``: ordinary English prose,
+    see ``posttrain.tasks.text``)."""
     from posttrain.data.prepare import prepare_examples
     from posttrain.eval.loss import mean_nll
 
+    rows = text_rows(source) if is_text_source(source) else source
     data = prepare_examples(
-        source, tokenizer, kind="text", max_length=max_length, length_policy="truncate", completion_only=False
+        rows, tokenizer, kind="text", max_length=max_length, length_policy="truncate", completion_only=False
     )
     nll = mean_nll(model, data.examples)["loss"]
     return math.exp(min(nll, 50.0))

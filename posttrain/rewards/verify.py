@@ -1,4 +1,4 @@
-"""The one verifier: answer extraction and (strict, lenient) scoring against a gold answer.
+"""The one verifier: answer extraction and strict, lenient and fair scoring against a gold answer.
 
 Every answer in the project is read here: the ``correct``/``correct_lenient`` rewards, the trainers' logged
 accuracies, the evaluation harness (user data and built-in tasks alike, whose ``score`` delegates here) and the
@@ -12,8 +12,12 @@ that needs them (the tasks score with them; rewards import tasks, never the reve
 from __future__ import annotations
 
 from posttrain.tasks.answers import (
+    answer_span,
     clean,
     extract_answer,
+    fair_answer,
+    fair_number,
+    fair_text,
     final_answer_line,
     last_number,
     same_answer,
@@ -24,8 +28,12 @@ from posttrain.tasks.answers import (
 generic_score = score_answer  # the former name, kept for existing imports
 
 __all__ = [
+    "answer_span",
     "clean",
     "extract_answer",
+    "fair_answer",
+    "fair_number",
+    "fair_text",
     "final_answer_line",
     "generic_score",
     "last_number",

@@ -5,6 +5,8 @@
 ['arithmetic', 'arithmetic_prefs', 'uppercase']
 >>> get_task("arithmetic").score("4+8+0=12 -> 12\\nAnswer: 12", "12")
 (True, True)
+>>> get_task("arithmetic").fair("4 + 8 = 12", "12"), get_task("uppercase").fair("dog", "DOG")
+(True, False)
 """
 
 from __future__ import annotations

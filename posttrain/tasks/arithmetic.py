@@ -27,6 +27,7 @@ import random
 import re
 import zlib
 
+from posttrain.tasks.answers import fair_number
 from posttrain.tasks.base import Task
 
 NAMES = ["Ann", "Bo", "Cy", "Dee", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jo"]
@@ -99,6 +100,15 @@ class ArithmeticTask(Task):
         question = template.format(n=rng.choice(NAMES), t=rng.choice(THINGS), a=a, b=b)
         completion = f"Answer: {a + b}" if self.is_direct(question) else column_addition(a, b)
         return question, completion, str(a + b)
+
+    def fair(self, completion: str, answer: str) -> bool:
+        """Fair: the reply's final answer (answer line, else last number) has the sum's value (``fair_number``,
+        which is the lenient rule for a number), whatever the working around it.
+
+        >>> ArithmeticTask().fair("47 + 285 = 332", "332"), ArithmeticTask().fair("332, I mean 333", "332")
+        (True, False)
+        """
+        return fair_number(completion, answer)
 
 
 _OPERANDS = re.compile(r"^(\d+)\+(\d+)$")

@@ -10,7 +10,7 @@ import random
 from abc import ABC, abstractmethod
 from typing import Any
 
-from posttrain.tasks.answers import score_answer
+from posttrain.tasks.answers import fair_answer, score_answer
 
 Row = dict[str, Any]
 
@@ -75,3 +75,14 @@ class Task(ABC):
         ((True, True), (False, True))
         """
         return score_answer(completion, answer)
+
+    def fair(self, completion: str, answer: str) -> bool:
+        """The task's *fair* correctness of one completion: what a real instruction-tuned model can earn without
+        the task's answer format (rules in ``posttrain.tasks.answers``). A task declares its rule by overriding
+        this; the default, also the rule of user data rows, is ``fair_answer`` (by the gold: a number or text).
+
+        >>> from posttrain.tasks import get_task
+        >>> get_task("uppercase").fair("Here it is:\\nPLOMK", "PLOMK"), get_task("uppercase").fair("plomk", "PLOMK")
+        (True, False)
+        """
+        return fair_answer(completion, answer)

@@ -35,7 +35,8 @@ def _slip(number: int, rng: random.Random) -> int:
 
 
 class ArithmeticPreferences(ArithmeticTask):
-    """Preference pairs on the arithmetic problems; scored like the arithmetic task."""
+    """Preference pairs on the arithmetic problems; scored like the arithmetic task (its ``fair`` included: the
+    final answer's value)."""
 
     name = "arithmetic_prefs"
     description = "preference pairs: worked correct solutions over wrong or sloppy ones"

@@ -107,15 +107,14 @@ class Engines:
 
 
 def heldout(engines: Engines, rows: list[dict], ctx: Any, max_new_tokens: int) -> dict[str, float]:
-    """Greedy strict/lenient accuracy on ``rows``, each rank a share, summed over ranks."""
+    """Greedy strict/lenient/fair accuracy on ``rows``, each rank a share, summed over ranks."""
     if not rows:
         return {}
     mine = ctx.shard(rows)
     acc = heldout_accuracy(engines.eval, mine, max_new_tokens) if mine else {}
-    strict, lenient = ctx.sum(
-        acc.get("eval_accuracy_strict", 0.0) * len(mine), acc.get("eval_accuracy_lenient", 0.0) * len(mine)
-    )
-    return {"eval_accuracy_strict": strict / len(rows), "eval_accuracy_lenient": lenient / len(rows)}
+    keys = [f"eval_accuracy_{kind}" for kind in ("strict", "lenient", "fair")]
+    totals = ctx.sum(*(acc.get(key, 0.0) * len(mine) for key in keys))
+    return {key: total / len(rows) for key, total in zip(keys, totals)}
 
 
 def sampled_accuracy(texts: list[str], rows: list[dict], ctx: Any) -> tuple[float | None, float | None]:
