@@ -17,6 +17,8 @@ import statistics
 import time
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
+from typing import Any
 
 
 def cpu_model() -> str:
@@ -140,6 +142,169 @@ def wait_until_quiet(*, max_wait_s: float, threshold: float = 0.3, poll_s: float
         if load is None or load < threshold or time.monotonic() >= deadline:
             return load
         time.sleep(poll_s)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Benchmark models and precisions, shared by bench_sft, bench_dpo and bench_grpo.
+# --------------------------------------------------------------------------------------------------------------
+
+MODELS = ("small", "tiny", "smollm2")
+SMOLLM2 = "builtin:smollm2-135m-instruct"
+PRECISIONS = ("fp32", "bf16")
+
+
+def load_bench_model(name: str, *, seed: int = 0) -> tuple[Any, Any]:
+    """(model, tokenizer) of a benchmark model, fp32: ``tiny``/``small`` are random-init Llamas on the character
+    vocabulary (DESIGN.md, "Performance methodology"); ``smollm2`` is the real SmolLM2-135M-Instruct
+    (``builtin:smollm2-135m-instruct``: fp32 weights converted into the cache, 49,152-token BPE vocabulary, its own
+    ChatML template), loaded the same way on both sides, so they start from the same weights and tokenizer."""
+    if name == "smollm2":
+        from posttrain.models.loading import load_model
+
+        return load_model(SMOLLM2)
+    from posttrain.models.tiny import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    return build_model(tok, size=name, seed=seed), tok
+
+
+def model_source(name: str, model: Any, tok: Any, directory: Path) -> str:
+    """What a stage config's ``model`` names for a benchmark model: the builtin itself for ``smollm2`` (the weights
+    the peer is handed too), else the random-init model saved into ``directory``."""
+    if name == "smollm2":
+        return SMOLLM2
+    from posttrain.models.loading import save_model_dir
+
+    save_model_dir(model, tok, directory)
+    return str(directory)
+
+
+def model_label(name: str) -> str:
+    """How a report names the model."""
+    if name == "smollm2":
+        return "`smollm2` SmolLM2-135M-Instruct (`builtin:smollm2-135m-instruct`, fp32 weights, 49,152-token BPE)"
+    return f"`{name}` random-init LlamaForCausalLM (character vocabulary)"
+
+
+def peak_dtype(precision: str) -> str:
+    """The GEMM dtype whose measured peak is the MFU denominator of a ``precision`` run: bf16 autocast runs its
+    matmuls in bf16, so it is measured against the bf16 peak, fp32 against the fp32 one."""
+    return {"fp32": "float32", "bf16": "bfloat16"}[precision]
+
+
+def step_floor(model: Any, *, tokens: int, precision: str, threads: int, repeats: int = 3) -> dict[str, float]:
+    """The measured floor of one training step on ``tokens`` tokens (packed, no padding) of a Llama-family
+    ``model``: the seconds its matmuls take at the model's own shapes, and the optimiser's.
+
+    Matmuls: forward, input gradient and weight gradient of every linear layer of one decoder layer (times the
+    layer count) and of the output head, as ``precision``'s GEMMs (bf16 for bf16 autocast), the median of
+    ``repeats`` timings: the 6N of a token's training FLOPs at the shapes this model really has (attention scores,
+    norms, activations and the loss excluded). Optimiser: the fused AdamW step that posttrain uses over the model's
+    parameters, plus the gradient-norm clip. ``matmul_rate / peak`` caps the MFU a step could reach even if
+    nothing else took time; ``6 N tokens / floor_s / peak`` caps it with the optimiser counted too.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    cfg = model.config
+    d, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    shapes = _linear_shapes(cfg)
+    dtype = getattr(torch, peak_dtype(precision))
+    g = torch.Generator().manual_seed(0)
+
+    def operands(out_f: int, in_f: int) -> tuple[Any, Any, Any]:
+        return tuple(
+            torch.randn(*shape, generator=g).to(dtype) for shape in ((out_f, in_f), (tokens, in_f), (tokens, out_f))
+        )
+
+    def timed(mats: list[tuple[Any, Any, Any]]) -> float:
+        runs = []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            t = time.perf_counter()
+            for w, x, dy in mats:
+                torch.mm(x, w.t())  # forward
+                torch.mm(dy, w)  # input gradient
+                torch.mm(dy.t(), x)  # weight gradient
+            runs.append(time.perf_counter() - t)
+        return statistics.median(runs[1:])
+
+    layer_s = timed([operands(o, i) for o, i in shapes])
+    head_s = timed([operands(vocab, d)])
+    linear_params = layers * sum(o * i for o, i in shapes) + vocab * d
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
+    opt_runs = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        opt_runs.append(time.perf_counter() - t)
+    matmul_s = layers * layer_s + head_s
+    n = sum(p.numel() for p in params)
+    return {
+        "tokens": tokens,
+        "matmul_s": matmul_s,
+        "matmul_rate": 6 * linear_params * tokens / matmul_s,
+        "optimizer_s": statistics.median(opt_runs[1:]),
+        "floor_s": matmul_s + statistics.median(opt_runs[1:]),
+        "model_flops": 6 * n * tokens,
+    }
+
+
+def _linear_shapes(cfg: Any) -> list[tuple[int, int]]:
+    """(out, in) of one Llama-family decoder layer's linear layers: q, k, v, o, gate, up, down."""
+    d, inter = cfg.hidden_size, cfg.intermediate_size
+    head_dim = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
+    return [(q, d), (kv, d), (kv, d), (d, q), (inter, d), (inter, d), (d, inter)]
+
+
+def rollout_floor(
+    model: Any, *, batch: int, prompt_tokens: int, new_tokens: int, precision: str, threads: int, repeats: int = 3
+) -> dict[str, float]:
+    """The measured floor of one rollout call (one prompt, ``batch`` samples of ``new_tokens`` tokens): the
+    seconds of its matmuls alone, with every layer's own weights (so they stream from memory as in decoding, not
+    from cache), in bf16 for ``precision`` bf16 (the rollout copy) else fp32: one prefill of ``prompt_tokens``
+    (the prompt's KV cache shared by the samples) plus ``new_tokens`` decode steps of ``batch`` rows each.
+    Attention over the cache, norms, sampling and per-op overhead excluded: no engine can be faster than this."""
+    import torch
+
+    torch.set_num_threads(threads)
+    cfg = model.config
+    dtype = getattr(torch, peak_dtype(precision))
+    g = torch.Generator().manual_seed(0)
+    weights = [
+        torch.randn(o, i, generator=g).to(dtype) for _ in range(cfg.num_hidden_layers) for o, i in _linear_shapes(cfg)
+    ]
+    weights.append(torch.randn(cfg.vocab_size, cfg.hidden_size, generator=g).to(dtype))
+
+    def forward_s(rows: int) -> float:
+        inputs = {w.shape[1]: torch.randn(rows, w.shape[1], generator=g).to(dtype) for w in weights}
+        runs = []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            t = time.perf_counter()
+            for w in weights:
+                torch.mm(inputs[w.shape[1]], w.t())
+            runs.append(time.perf_counter() - t)
+        return statistics.median(runs[1:])
+
+    decode_s, prefill_s = forward_s(batch), forward_s(prompt_tokens)
+    return {"decode_step_s": decode_s, "prefill_s": prefill_s, "call_s": prefill_s + new_tokens * decode_s}
+
+
+def floor_lines(floor: dict[str, float], peak: float, precision: str) -> list[str]:
+    """Report lines for :func:`step_floor` measured against ``peak`` (same run, same precision)."""
+    cap = floor["model_flops"] / floor["floor_s"] / peak
+    return [
+        f"- Measured floor (`--floor`, {floor['tokens']:.0f} tokens per step, {precision}): the step's matmuls at this"
+        f" model's own shapes take {floor['matmul_s']:.3f} s, i.e. they run at {floor['matmul_rate'] / 1e9:.1f}"
+        f" GFLOP/s = {100 * floor['matmul_rate'] / peak:.0f}% of the 2048 GEMM peak; the fused AdamW step + clip"
+        f" takes {floor['optimizer_s']:.3f} s. A step cannot take less than {floor['floor_s']:.3f} s, so MFU"
+        f" <= {100 * cap:.0f}% with nothing else (attention, norms, activations, loss) costing any time."
+    ]
 
 
 def rss_mib() -> float:

@@ -86,15 +86,18 @@ def reference_logps(
     model: Any, items: list[tuple[Example, ...]], cfg: Any, *, rows: list[int] | None = None
 ) -> torch.Tensor:
     """(rows, sequences per row) reference log-probs of the starting model (adapters disabled under LoRA) for
-    ``rows`` (default all); rows not computed are NaN."""
+    ``rows`` (default all); rows not computed are NaN. Computed under the precision the policy trains in (bf16
+    autocast with ``mixed_precision: bf16``), so that at step 1 policy and reference agree and the loss is ln 2."""
     was_training = model.training
+    device = next(model.parameters()).device
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.mixed_precision == "bf16" else nullcontext()
     model.eval()
     rows = list(range(len(items))) if rows is None else rows
     out = torch.full((len(items), len(items[0])), math.nan)
     # The starting model: under an adapter, the base with it disabled (a continued prompt adapter is its own start:
     # this pass runs before any update).
     adapters_off = adapters_disabled(model) if adapter_method(cfg) and not continues_adapter(model) else nullcontext()
-    with adapters_off:
+    with adapters_off, amp:
         size = forward_rows(cfg)
         shown = cfg.progress and os.environ.get("RANK", "0") == "0" and len(rows) > size
         for start in tqdm(range(0, len(rows), size), desc="reference log-probs", unit="batch", disable=not shown):
@@ -189,7 +192,9 @@ class DPOStage(Stage):
         """Reference log-probs from the run directory's cache when it was computed from this starting model and
         this data (its key says so), else computed; the cache is written atomically (rank 0)."""
         path = Path(cfg.out) / "reference_logps.safetensors"
-        key = fingerprint([model_fingerprint(model), self.items, self.eval_items, adapter_method(cfg)])
+        key = fingerprint(
+            [model_fingerprint(model), self.items, self.eval_items, adapter_method(cfg), cfg.mixed_precision]
+        )
         saved = cached_reference(path, key)
         needed = visited_rows(len(self.items), cfg, ctx)
         if saved is not None and "train" in saved:
