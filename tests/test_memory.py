@@ -246,7 +246,7 @@ def test_every_listed_model_type_splits_into_its_own_logits():
             assert (plain - ref).abs().max() > 1e-3, kind
 
 
-def test_peft_models_split_below_the_wrapper_and_prompt_learning_does_not(tiny_model):
+def test_peft_models_split_below_the_wrapper_prompt_learning_too(tiny_model):
     from peft import PromptTuningConfig, TaskType, get_peft_model
 
     from posttrain.models.lora import add_lora
@@ -267,7 +267,8 @@ def test_peft_models_split_below_the_wrapper_and_prompt_learning_does_not(tiny_m
     assert_close(off, base, rtol=0, atol=1e-5)
     assert (off - logps).abs().max() > 1e-3
     prompt = get_peft_model(lora.unload(), PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=2))
-    assert output_head(prompt) is None  # virtual tokens: its own forward and logits
+    split = output_head(prompt)  # virtual tokens are added by packed_logps (posttrain.models.virtual)
+    assert split is not None and split.decoder is prompt.get_base_model().model
 
 
 def _sft_gradients(model, batch):

@@ -73,10 +73,17 @@ def sequence_logps(model: Any, examples: list[Example]) -> tuple[torch.Tensor, t
     """Summed completion-token log-probs (n,) and completion lengths (n,) of ``examples``, one packed forward."""
     device = next(model.parameters()).device
     batch = pack(examples).to(device)
-    logps, _ = packed_logps(model, batch.input_ids, batch.position_ids, batch.targets, posttrain_bounds=batch.bounds)
-    logps = logps[0] * batch.target_mask[0]
+    where = batch.target_mask[0].nonzero().squeeze(-1)  # the head runs on completion positions only
+    logps, _ = packed_logps(
+        model,
+        batch.input_ids,
+        batch.position_ids,
+        batch.targets[0, where],
+        positions=where,
+        posttrain_bounds=batch.bounds,
+    )
     n = len(examples)
-    sums = torch.zeros(n, dtype=logps.dtype, device=device).index_add(0, batch.seq_ids[0], logps)
+    sums = torch.zeros(n, dtype=logps.dtype, device=device).index_add(0, batch.seq_ids[0, where], logps)
     lengths = torch.zeros(n, device=device).index_add(0, batch.seq_ids[0], batch.target_mask[0].float())
     return sums, lengths.clamp(min=1)
 
