@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
@@ -238,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars show progress; per-file loading bars are noise here
+    # bitsandbytes (the qlora extra; peft imports it whenever installed) warns on every import that it cannot fetch
+    # an optional CPU kernel from the model hub, which posttrain never uses: not the user's business.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         if args.command == "demo":
             from posttrain.pipeline import run_demo

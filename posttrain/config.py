@@ -51,12 +51,12 @@ class ModelArgs:
 
 @dataclass(frozen=True)
 class LoraArgs:
-    peft: Literal["auto", "none", "lora", "dora", "rslora", "ia3", "prompt", "prefix"] = opt(
+    peft: Literal["auto", "none", "lora", "dora", "rslora", "ia3", "prompt", "prefix", "qlora"] = opt(
         "auto",
         "parameter-efficient method through peft: lora, dora (weight-decomposed LoRA), rslora (rank-stabilised"
         " scaling), ia3 (learned activation scales), prompt (learned input embeddings in front of each sequence),"
-        " prefix (learned keys/values in every layer); none = full fine-tune; auto = lora when lora_rank > 0, else"
-        " none",
+        " prefix (learned keys/values in every layer), qlora (LoRA on a 4-bit NF4 base: the qlora extra); none ="
+        " full fine-tune; auto = lora when lora_rank > 0, else none",
     )
     lora_rank: int = opt(0, "LoRA/DoRA/rsLoRA rank (0 with peft auto = full fine-tune; 0 with a LoRA method = 8)")
     lora_alpha: float = opt(16.0, "LoRA scaling alpha")
@@ -79,15 +79,15 @@ class LoraArgs:
             yield "virtual_tokens", f"must be at least 1, got {self.virtual_tokens}"
 
 
-LORA_METHODS = ("lora", "dora", "rslora")
+LORA_METHODS = ("lora", "dora", "rslora", "qlora")
 VIRTUAL_METHODS = ("prompt", "prefix")  # prompt learning: virtual tokens, nothing to fold into the weights
 NO_RANK_METHODS = ("ia3", *VIRTUAL_METHODS)
 DEFAULT_LORA_RANK = 8
 
 
 def adapter_method(cfg: Any) -> str | None:
-    """The peft method a config trains (``lora``, ``dora``, ``rslora``, ``ia3``, ``prompt``, ``prefix``), or None
-    for full fine-tuning.
+    """The peft method a config trains (``lora``, ``dora``, ``rslora``, ``ia3``, ``prompt``, ``prefix``,
+    ``qlora``), or None for full fine-tuning.
 
     >>> adapter_method(build_config(SFTConfig, {"lora_rank": 4}, path="sft")), adapter_method(SFTConfig())
     ('lora', None)

@@ -150,3 +150,24 @@ def test_smollm2_chatml_mask_with_the_real_tokenizer(model_dir):
     # A prompt/completion conversation trains the same: the reply and its end of turn, not the newline after.
     pc = encode_row({"prompt": CONVERSATION[:4], "completion": [CONVERSATION[4]]}, tok)
     assert trained_runs(tok, pc) == ["<think>4 twice</think>8<|im_end|>"], shown(tok, pc)
+
+
+@pytest.mark.slow
+def test_the_smollm2_recipe_runs_sft_then_grpo_on_top_kept_short(model_dir, tmp_path):
+    """posttrain/recipes/smollm2_arithmetic.yaml, every size cut to a few rows and one step per stage: LoRA SFT on
+    the real model, GRPO's adapters on its merged weights, the suite after each stage. The GRPO adapter names
+    the merged SFT base in its run directory, so it loads as trained."""
+    from posttrain.pipeline import RECIPES, load_recipe, run_recipe
+
+    cut = ["evaluate.limit=2", "evaluate.max_new_tokens=6", "evaluate.perplexity_data=text:general:val"]
+    cut += ["sft.max_steps=1", "sft.batch_size=2", "sft.warmup_steps=0", "sft.max_length=128"]
+    cut += ["grpo.max_steps=1", "grpo.batch_prompts=2", "grpo.group_size=2", "grpo.max_new_tokens=6"]
+    cut += ["grpo.eval_every=0", "grpo.eval_limit=2"]
+    recipe = load_recipe(RECIPES / "smollm2_arithmetic.yaml", cut)
+    summary = run_recipe(recipe, out=str(tmp_path / "run"), progress=False)
+    assert [s["name"] for s in summary["stages"]] == ["base", "sft", "grpo"]
+    for stage in summary["stages"]:
+        assert 0 <= stage["eval"]["tasks"]["arithmetic"]["accuracy_fair"] <= 1
+        assert 5 < stage["eval"]["perplexity"] < 200  # English prose under a real model, not the toy's markup
+    adapter = json.loads((tmp_path / "run" / "grpo" / "final" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str((tmp_path / "run" / "grpo" / "base").resolve())

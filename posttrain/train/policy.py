@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,15 @@ def model_for_training(cfg: Any, device: torch.device) -> tuple[Any, Any]:
         if int(os.environ.get("RANK", "0")) == 0:
             save_model_dir(model, tokenizer, base)
         model.name_or_path = model.config._name_or_path = str(base.resolve())  # what peft records as the base
+    if method == "qlora":  # the same weights (the merged base when stacked), linear layers stored as 4-bit NF4
+        source = None if cfg.model in FRESH_MODELS else model.name_or_path if stacked else cfg.model
+        model = _four_bit(cfg, source, model, device)
     model.to(device)
     if method is not None:
         rank = cfg.lora_rank or DEFAULT_LORA_RANK
         model = add_adapters(
             model,
-            method,
+            "lora" if method == "qlora" else method,
             rank=rank,
             alpha=cfg.lora_alpha,
             dropout=cfg.lora_dropout,
@@ -62,6 +66,25 @@ def model_for_training(cfg: Any, device: torch.device) -> tuple[Any, Any]:
             virtual_tokens=cfg.virtual_tokens,
         )
     return model, tokenizer
+
+
+def _four_bit(cfg: Any, source: str | None, model: Any, device: torch.device) -> Any:
+    """``model`` loaded again from ``source`` (its model spec or directory; None: a fresh model, saved to a
+    temporary directory first) with its linear layers in 4-bit NF4 (``posttrain.models.quant``). The adapter
+    records the full-precision base, which is where it merges."""
+    from posttrain.models.quant import load_4bit
+
+    if cfg.fsdp:
+        raise ConfigError("peft: qlora does not shard under fsdp (bitsandbytes 4-bit weights): use DDP (fsdp false)")
+    name = model.name_or_path
+    with tempfile.TemporaryDirectory(prefix="posttrain-qlora-") as scratch:
+        if source is None:
+            model.save_pretrained(scratch)
+        four = load_4bit(
+            source or scratch, dtype=cfg.dtype, device=str(device), trust_remote_code=cfg.trust_remote_code
+        )
+    four.name_or_path = name
+    return four
 
 
 VIRTUAL_TYPES = {"PROMPT_TUNING": "prompt", "P_TUNING": "prompt", "PREFIX_TUNING": "prefix"}
