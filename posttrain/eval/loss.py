@@ -16,22 +16,13 @@ from torch import Tensor
 
 from posttrain.data.batching import PackedBatch, pack
 from posttrain.data.encode import Example
-from posttrain.models.forward import packed_logps
+from posttrain.models.forward import target_logps
 
 
 def packed_token_losses(model: Any, batch: PackedBatch) -> tuple[Tensor, Tensor]:
-    """Per-token NLL (1, S) (0 where not a target) and argmax-correct (1, S) bool for a packed batch. The output
-    head runs on target positions only: with chat templates, prompts (system turn included) are often half the
-    tokens, and the head is a fifth of a small model's compute at a 49k vocabulary."""
-    where = batch.target_mask[0].nonzero().squeeze(-1)
-    logps, stats = packed_logps(
-        model,
-        batch.input_ids,
-        batch.position_ids,
-        batch.targets[0, where],
-        positions=where,
-        posttrain_bounds=batch.bounds,
-    )
+    """Per-token NLL (1, S) (0 where not a target) and argmax-correct (1, S) bool for a packed batch (the head
+    runs on target positions only: ``target_logps``)."""
+    logps, where, stats = target_logps(model, batch)
     losses = torch.zeros(batch.targets.shape, dtype=logps.dtype, device=logps.device).masked_scatter(
         batch.target_mask, -logps
     )

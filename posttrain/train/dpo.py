@@ -29,7 +29,7 @@ from posttrain.distributed import DistContext
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.preference import PAIRED_LOSSES, REFERENCE_FREE, kto_loss, kto_reference_point
 from posttrain.losses.reduce import row_mean
-from posttrain.models.forward import packed_logps
+from posttrain.models.forward import target_logps
 from posttrain.models.virtual import adapters_disabled, continues_adapter
 from posttrain.rundir import save_tensors_atomic
 from posttrain.train.policy import default_eval_data, model_for_training
@@ -73,15 +73,7 @@ def sequence_logps(model: Any, examples: list[Example]) -> tuple[torch.Tensor, t
     """Summed completion-token log-probs (n,) and completion lengths (n,) of ``examples``, one packed forward."""
     device = next(model.parameters()).device
     batch = pack(examples).to(device)
-    where = batch.target_mask[0].nonzero().squeeze(-1)  # the head runs on completion positions only
-    logps, _ = packed_logps(
-        model,
-        batch.input_ids,
-        batch.position_ids,
-        batch.targets[0, where],
-        positions=where,
-        posttrain_bounds=batch.bounds,
-    )
+    logps, where, _ = target_logps(model, batch)  # the head runs on completion positions only
     n = len(examples)
     sums = torch.zeros(n, dtype=logps.dtype, device=device).index_add(0, batch.seq_ids[0, where], logps)
     lengths = torch.zeros(n, device=device).index_add(0, batch.seq_ids[0], batch.target_mask[0].float())

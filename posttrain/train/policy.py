@@ -51,7 +51,8 @@ def model_for_training(cfg: Any, device: torch.device) -> tuple[Any, Any]:
             save_model_dir(model, tokenizer, base)
         model.name_or_path = model.config._name_or_path = str(base.resolve())  # what peft records as the base
     if method == "qlora":  # the same weights (the merged base when stacked), linear layers stored as 4-bit NF4
-        source = None if cfg.model in FRESH_MODELS else model.name_or_path if stacked else cfg.model
+        # fresh or merged weights go through a per-process temporary save (OUT/base is rank 0's, maybe not yet written)
+        source = None if cfg.model in FRESH_MODELS or stacked else cfg.model
         model = _four_bit(cfg, source, model, device)
     model.to(device)
     if method is not None:
