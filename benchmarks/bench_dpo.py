@@ -48,6 +48,7 @@ from benchmarks.machine import (  # noqa: E402
     PRECISIONS,
     RESULT_TAG,
     LoadMeter,
+    emit_report,
     floor_lines,
     load_bench_model,
     machine_info,
@@ -370,13 +371,8 @@ def main(argv: list[str] | None = None) -> None:
             __file__, {**base, "side": "floor", "tokens": tokens}, args.timeout, wait_quiet=args.wait_quiet
         )
     lines = report(runs, args, rows, started, machine_info(args.threads), floor)
-    print("\n".join(lines))
+    emit_report(lines, args, {"runs": runs, "rows": rows})
     print(f"(benchmark wall time {time.perf_counter() - t0:.0f} s)")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs, "rows": rows}, indent=1))
-    if not args.no_write:
-        with open(args.out, "a") as f:
-            f.write("\n" + "\n".join(lines) + "\n")
 
 
 def report(

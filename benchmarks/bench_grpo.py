@@ -51,6 +51,7 @@ from benchmarks.machine import (  # noqa: E402
     PRECISIONS,
     RESULT_TAG,
     LoadMeter,
+    emit_report,
     load_bench_model,
     machine_info,
     matmul_peak_flops,
@@ -493,12 +494,7 @@ def main(argv: list[str] | None = None) -> None:
     peak = _median(runs["matmul"], "peak_flops")
     floor = run_worker({**base, "side": "floor"}, args.timeout, wait_quiet=args.wait_quiet) if args.floor else None
     lines = report(runs, peak, args, started, machine_info(args.threads), floor)
-    print("\n".join(lines))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs, "peak_flops": peak}, indent=1))
-    if not args.no_write:
-        with open(args.out, "a") as f:
-            f.write("\n" + "\n".join(lines) + "\n")
+    emit_report(lines, args, {"runs": runs, "peak_flops": peak})
 
 
 def report(

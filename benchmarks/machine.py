@@ -10,6 +10,7 @@ the benchmark's thread count, in the same run and under the same background load
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -305,6 +306,17 @@ def floor_lines(floor: dict[str, float], peak: float, precision: str) -> list[st
         f" takes {floor['optimizer_s']:.3f} s. A step cannot take less than {floor['floor_s']:.3f} s, so MFU"
         f" <= {100 * cap:.0f}% with nothing else (attention, norms, activations, loss) costing any time."
     ]
+
+
+def emit_report(lines: list[str], args: Any, payload: dict) -> None:
+    """Print a benchmark's report, write ``payload`` to ``--json`` if given, and append the report to ``--out``
+    unless ``--no-write``."""
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps(payload, indent=1))
+    if not args.no_write:
+        with open(args.out, "a") as f:
+            f.write("\n" + "\n".join(lines) + "\n")
 
 
 def rss_mib() -> float:
