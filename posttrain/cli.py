@@ -22,6 +22,7 @@ from typing import Any
 from posttrain.config import EvalConfig, build_config, field_help
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.stages import STAGES
+from posttrain.toolbox import MERGE_METHODS
 
 
 def _flag_value(raw: str, tp: Any, flag: str) -> Any:
@@ -51,7 +52,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{field_help(cls)[f.name]} (default: {default!r})"
+        help_text = f"{field_help(cls)[f.name]} (default: {default!r})".replace("%", "%%")  # argparse formats help
         if hints[f.name] is bool:
             parser.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
@@ -138,14 +139,71 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--max-length", type=int, default=512, help="tokens kept per row")
     inspect.add_argument("--chat-template", default="", help="a Jinja chat template file instead of the model's")
     inspect.add_argument("--all-tokens", action="store_true", help="train on all tokens (completion_only_loss off)")
-    merge = sub.add_parser("merge", help="merge a LoRA adapter into its base: a plain HF model")
-    merge.add_argument("--model", required=True, help="base model (dir, builtin:tiny-base or hub id)")
-    merge.add_argument("--lora", required=True, help="PEFT adapter directory")
+    merge = sub.add_parser(
+        "merge",
+        help="merge models (--method M --models A B ...) or fold an adapter into its base (--model --lora): a plain"
+        " HF model",
+        description="Two forms. Fold one adapter into its base: posttrain merge --model BASE --lora ADAPTER --out DIR."
+        " Merge two or more fine-tunes of one architecture and tokenizer (full models or adapters, adapters folded"
+        " into their base first): posttrain merge --method ties --models A B --base BASE --density 0.5 --out DIR.",
+    )
+    merge.add_argument("--model", help="base model to fold --lora into (dir, builtin:NAME or hub id)")
+    merge.add_argument("--lora", help="PEFT adapter directory to fold into --model")
+    merge.add_argument("--method", choices=MERGE_METHODS, help="merge method for --models")
+    merge.add_argument("--models", nargs="+", metavar="MODEL", help="models or adapters to merge (two or more)")
+    merge.add_argument(
+        "--weights",
+        nargs="+",
+        type=float,
+        metavar="W",
+        help="one weight per model (default: equal; 1 each for task vectors)",
+    )
+    merge.add_argument("--t", type=float, default=0.5, help="slerp position: 0 gives the first model, 1 the second")
+    merge.add_argument(
+        "--base",
+        help="the model the inputs were fine-tuned from (task_arithmetic, ties, dare_*; default: adapters' base)",
+    )
+    merge.add_argument("--density", type=float, help="ties/dare: fraction of each task vector kept (0, 1]")
+    merge.add_argument("--seed", type=int, default=0, help="dare: seed of the random drops")
+    merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="saved weights")
     merge.add_argument("--out", required=True, help="output model directory (new or empty)")
     merge.add_argument(
         "--overwrite", action="store_true", help="replace --out if it is a model directory posttrain wrote"
     )
     return parser
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from posttrain.rundir import check_model_out
+
+    if (args.model or args.lora) and (args.method or args.models):
+        raise ConfigError("merge: use either --model BASE --lora ADAPTER, or --method M --models A B ..., not both")
+    if args.model or args.lora:
+        if not (args.model and args.lora):
+            raise ConfigError("merge: folding an adapter needs both --model BASE and --lora ADAPTER")
+        from posttrain.models.lora import merge_adapter
+
+        check_model_out(args.out, key="merge.out", overwrite=args.overwrite)
+        print(merge_adapter(args.model, args.lora, args.out))
+        return
+    if not (args.method and args.models):
+        raise ConfigError("merge: give --method M --models A B ... (or --model BASE --lora ADAPTER to fold an adapter)")
+    from posttrain.toolbox.merge import check_merge_args, merge_models
+
+    check_merge_args(args.method, args.models, weights=args.weights, t=args.t, base=args.base, density=args.density)
+    check_model_out(args.out, key="merge.out", overwrite=args.overwrite)
+    record = merge_models(
+        args.method,
+        args.models,
+        args.out,
+        weights=args.weights,
+        t=args.t,
+        base=args.base,
+        density=args.density,
+        seed=args.seed,
+        dtype=args.dtype,
+    )
+    print(json.dumps({"out": str(args.out), **record}))
 
 
 def _add_run_dir_flags(parser: argparse.ArgumentParser) -> None:
@@ -280,11 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "inspect":
             _inspect(args)
         elif args.command == "merge":
-            from posttrain.models.lora import merge_adapter
-            from posttrain.rundir import check_model_out
-
-            check_model_out(args.out, key="merge.out", overwrite=args.overwrite)
-            print(merge_adapter(args.model, args.lora, args.out))
+            _merge(args)
     except PosttrainError as err:
         return _fail(args.command, str(err), 2)
     except KeyboardInterrupt:

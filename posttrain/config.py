@@ -467,6 +467,50 @@ class PPOConfig(RuntimeArgs, LoopArgs, OptimArgs, RolloutArgs, RewardArgs, LoraA
                 yield name, f"must be in [0, 1], got {getattr(self, name)}"
 
 
+@dataclass(frozen=True)
+class DistillConfig(RuntimeArgs, LoopArgs, BatchArgs, AccumArgs, OptimArgs, LMArgs, DataArgs, LoraArgs, ModelArgs):
+    """Knowledge distillation (the GKD family): the student (``model``, full or PEFT) learns the teacher's token
+    distributions on dataset completions, the teacher's own (``seq_kd``) or the student's (``lmbda``)."""
+
+    teacher: str = opt("", "teacher model (dir, adapter dir, builtin:NAME); must share the student's tokenizer")
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = opt(
+        "jsd",
+        "divergence per token: forward_kl = KL(teacher||student) (classic KD), reverse_kl = KL(student||teacher),"
+        " jsd = generalised Jensen-Shannon with beta (GKD)",
+    )
+    beta: float = opt(0.5, "jsd: teacher weight of the mixture, in [0, 1] (0 = forward KL, 1 = reverse KL)")
+    temperature: float = opt(1.0, "divides both models' logits in the loss, and samples on- and seq_kd completions")
+    lmbda: float = opt(
+        0.0, "share of steps trained on the student's own sampled completions (GKD's on-policy lambda), in [0, 1]"
+    )
+    seq_kd: bool = opt(False, "off-policy steps use teacher-sampled completions instead of the dataset's")
+    max_new_tokens: int = opt(128, "generation limit of on-policy and seq_kd completions")
+    teacher_top_k: int = opt(
+        0,
+        "K > 0: cache the teacher's top-K log-probs per target token once (out/teacher_topk.safetensors) and free"
+        " the teacher before training (the loss then compares K+1-bin distributions); 0 = teacher in memory",
+    )
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        if not self.teacher:
+            yield "teacher", "give the teacher model (--teacher DIR or builtin:NAME)"
+        if not 0.0 <= self.beta <= 1.0:
+            yield "beta", f"must be in [0, 1], got {self.beta}"
+        if not 0.0 <= self.lmbda <= 1.0:
+            yield "lmbda", f"must be in [0, 1], got {self.lmbda}"
+        if self.temperature <= 0:
+            yield "temperature", f"must be > 0, got {self.temperature}"
+        yield from _positive(self, "max_new_tokens")
+        if self.teacher_top_k < 0:
+            yield "teacher_top_k", f"must be >= 0, got {self.teacher_top_k}"
+        if self.teacher_top_k and (self.lmbda or self.seq_kd):
+            yield (
+                "teacher_top_k",
+                "a cache holds the teacher on the dataset's completions only; on-policy (lmbda > 0) and seq_kd"
+                " steps need the teacher in memory: set teacher_top_k 0",
+            )
+
+
 STAGE_CONFIGS: dict[str, type] = {
     "pretrain": PretrainConfig,
     "sft": SFTConfig,
@@ -474,6 +518,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "dpo": DPOConfig,
     "rm": RMConfig,
     "ppo": PPOConfig,
+    "distill": DistillConfig,
     "eval": EvalConfig,
 }
 

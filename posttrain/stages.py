@@ -3,7 +3,7 @@ and the report (each stage's own curves). Runners are named ``module:function`` 
 so listing stages imports no torch.
 
     >>> sorted(STAGES)
-    ['dpo', 'grpo', 'ppo', 'pretrain', 'rm', 'sft']
+    ['distill', 'dpo', 'grpo', 'ppo', 'pretrain', 'rm', 'sft']
     >>> STAGES["rm"].policy        # a reward model is not the next stage's policy
     False
 """
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from posttrain.config import DPOConfig, GRPOConfig, PPOConfig, PretrainConfig, RMConfig, SFTConfig
+from posttrain.config import DistillConfig, DPOConfig, GRPOConfig, PPOConfig, PretrainConfig, RMConfig, SFTConfig
 
 Series = list[tuple[str, str, str]]  # (metric key, label, matplotlib style)
 
@@ -105,6 +105,16 @@ STAGES: dict[str, StageInfo] = {
                     ("accuracy_strict", "strict accuracy of samples", ":"),
                     ("eval_accuracy_strict", "held-out greedy accuracy", "o-"),
                 ],
+            ),
+        ),
+        StageInfo(
+            "distill",
+            DistillConfig,
+            "distillation from --teacher: forward/reverse KL or generalised JSD, off- or on-policy (GKD)",
+            "posttrain.train.distill:run_distill",
+            curves=(
+                "divergence to the teacher and held-out loss",
+                [("loss", "divergence to the teacher (batch)", "-"), ("eval_loss", "held-out NLL", "o-")],
             ),
         ),
     ]

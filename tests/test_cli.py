@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -204,3 +205,13 @@ def test_sigkill_and_resume_twice_matches_uninterrupted(tmp_path):
     a = load_file(str(Path(tmp_path / "full" / "final" / "model.safetensors")))
     b = load_file(str(cut / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_command_prints_its_help():
+    """``posttrain X --help`` for every sub-command (argparse %-formats help texts: a bare % in one broke them)."""
+    from posttrain.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in commands.items():
+        assert sub.format_help(), name

@@ -63,14 +63,7 @@ def chunked_token_logps(
     project = _projection(head)
 
     def chunk(h: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        logits = project(h)
-        logits = logits if logits.dtype == torch.float64 else logits.float()
-        if scale != 1.0:
-            logits = logits * scale
-        if softcap:
-            logits = softcap * torch.tanh(logits / softcap)
-        if temperature != 1.0:
-            logits = logits / temperature
+        logits = _logits(project(h), scale, softcap, temperature)
         lse = torch.logsumexp(logits, dim=-1)
         logps = torch.gather(logits, -1, t[:, None]).squeeze(-1) - lse
         with torch.no_grad():
@@ -89,6 +82,71 @@ def chunked_token_logps(
     if with_entropy:
         stats["entropy"] = torch.cat([p[2] for p in parts]).view(lead)
     return logps, stats
+
+
+def chunked_divergence(
+    hidden: Tensor,
+    head: Head,
+    teacher: Callable[[int, int], tuple[Tensor, Tensor | None]],
+    divergence: Callable[[Tensor, Tensor], Tensor],
+    *,
+    chunk_size: int = CHUNK_TOKENS,
+    scale: float = 1.0,
+    softcap: float = 0.0,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Per-token divergence between the student's distribution (``hidden`` through ``head``, as in
+    :func:`chunked_token_logps`) and a teacher's, a chunk of tokens at a time.
+
+    ``teacher(start, stop)`` gives the teacher at tokens [start, stop): (log-distribution (c, V), None), or with a
+    top-K cache (log-probs over K+1 bins (c, K+1), token ids (c, K)), and then the student is coarsened to the
+    same bins (``posttrain.losses.distill.topk_bins``). It is called without gradient, and again in the
+    backward's recomputation. ``divergence(student_logps, teacher_logps) -> (c,)``.
+    Returns (per-token divergence (n,) fp32 with gradient, the student's argmax (n,) detached).
+
+    >>> import torch
+    >>> from posttrain.losses.distill import forward_kl
+    >>> h, w, t = torch.randn(5, 4), torch.randn(7, 4), torch.log_softmax(torch.randn(5, 7), -1)
+    >>> kl, _ = chunked_divergence(h, w, lambda a, b: (t[a:b], None), forward_kl, chunk_size=2)
+    >>> torch.allclose(kl, forward_kl(torch.log_softmax(h @ w.T, -1), t), atol=1e-6)
+    True
+    """
+    from posttrain.losses.distill import topk_bins
+
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    project = _projection(head)
+
+    def chunk(h: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        logits = _logits(project(h), scale, softcap, temperature)
+        with torch.no_grad():
+            teacher_logps, indices = teacher(start, start + len(h))
+            top = logits.argmax(-1)
+        student = torch.log_softmax(logits, -1) if indices is None else topk_bins(logits, indices)
+        return divergence(student, teacher_logps.to(student.dtype)), top
+
+    run = (lambda h, i: checkpoint(chunk, h, i, use_reentrant=False)) if torch.is_grad_enabled() else chunk
+    parts = [run(h, i * chunk_size) for i, h in enumerate(flat.split(chunk_size))]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def head_log_softmax(
+    hidden: Tensor, head: Head, *, scale: float = 1.0, softcap: float = 0.0, temperature: float = 1.0
+) -> Tensor:
+    """log softmax over the vocabulary of ``hidden`` (n, H) through ``head`` (n, V), fp32: for a few rows at a
+    time (a teacher's chunk), never a whole batch."""
+    return torch.log_softmax(_logits(_projection(head)(hidden), scale, softcap, temperature), -1)
+
+
+def _logits(logits: Tensor, scale: float, softcap: float, temperature: float) -> Tensor:
+    """The head's output as the sampler sees it: fp32 (fp64 kept), scaled, soft-capped, divided by temperature."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits
 
 
 def _projection(head: Head) -> Callable[[Tensor], Tensor]:

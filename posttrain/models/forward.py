@@ -111,23 +111,9 @@ def packed_logps(
     >>> logps.shape, stats["argmax"].shape
     (torch.Size([1, 5]), torch.Size([1, 5]))
     """
-    split = output_head(model)
-    inputs, real = dict(input_ids=input_ids, position_ids=position_ids, **layout), None
-    tokens = virtual_tokens(model)
-    if tokens is not None:  # prompt/prefix tuning: virtual tokens in front of each sequence (models/virtual.py)
-        inputs, real = packed_inputs(model, tokens, input_ids, position_ids, layout)
-    with packed_attention(model):
-        if split is not None:
-            states = split.decoder(**inputs, use_cache=False).last_hidden_state[0]  # (S, H)
-        else:
-            base = model.get_base_model() if tokens is not None else model
-            output = base(**inputs, use_cache=False, output_hidden_states=return_hidden)
-            states = output.logits[0]  # (S, V): the model's own logits, read a chunk at a time below
-    if real is not None:
-        states = states[real]
-    if positions is not None:
-        states = states[positions]
-    head = {"head": None} if split is None else {"head": split.head, "scale": split.scale, "softcap": split.softcap}
+    states, head, output, real = _packed_states(
+        model, input_ids, position_ids, positions, layout, return_hidden=return_hidden
+    )
     logps, stats = chunked_token_logps(
         states,
         **head,
@@ -138,10 +124,45 @@ def packed_logps(
     )
     logps, stats = logps.view(targets.shape), {k: v.view(targets.shape) for k, v in stats.items()}
     if return_hidden:
-        if split is not None:
+        if head["head"] is not None:
             stats["hidden"] = states
         else:
             last = output.hidden_states[-1][0]
             last = last if real is None else last[real]
             stats["hidden"] = last if positions is None else last[positions]
     return logps, stats
+
+
+def packed_states(model: Any, batch: Any) -> tuple[Tensor, dict[str, Any]]:
+    """What the output head reads at the n target positions of a packed batch, and the head: (states (n, H),
+    {"head": module, "scale", "softcap"}) for a model split at its head, else (its logits (n, V), {"head": None}).
+    ``posttrain.losses.chunked`` functions take the pair, so a loss that needs whole distributions (distillation)
+    still never holds more than a chunk of logits."""
+    where = batch.target_mask[0].nonzero().squeeze(-1)
+    layout = {"posttrain_bounds": batch.bounds}
+    states, head, _, _ = _packed_states(model, batch.input_ids, batch.position_ids, where, layout)
+    return states, head
+
+
+def _packed_states(
+    model: Any, input_ids: Tensor, position_ids: Tensor, positions: Tensor | None, layout: dict, *, return_hidden=False
+) -> tuple[Tensor, dict[str, Any], Any, Tensor | None]:
+    """(states at ``positions``, head kwargs, the model's own output or None, the real-token index or None)."""
+    split = output_head(model)
+    inputs, real, output = dict(input_ids=input_ids, position_ids=position_ids, **layout), None, None
+    tokens = virtual_tokens(model)
+    if tokens is not None:  # prompt/prefix tuning: virtual tokens in front of each sequence (models/virtual.py)
+        inputs, real = packed_inputs(model, tokens, input_ids, position_ids, layout)
+    with packed_attention(model):
+        if split is not None:
+            states = split.decoder(**inputs, use_cache=False).last_hidden_state[0]  # (S, H)
+        else:
+            base = model.get_base_model() if tokens is not None else model
+            output = base(**inputs, use_cache=False, output_hidden_states=return_hidden)
+            states = output.logits[0]  # (S, V): the model's own logits, read a chunk at a time
+    if real is not None:
+        states = states[real]
+    if positions is not None:
+        states = states[positions]
+    head = {"head": None} if split is None else {"head": split.head, "scale": split.scale, "softcap": split.softcap}
+    return states, head, output, real

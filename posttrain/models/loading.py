@@ -149,11 +149,14 @@ def load_model(
     return model, load_tokenizer(path, trust_remote_code=trust_remote_code)
 
 
-def save_model_dir(model: Any, tokenizer: Any, out: Path, *, state_dict: dict | None = None) -> None:
+def save_model_dir(
+    model: Any, tokenizer: Any, out: Path, *, state_dict: dict | None = None, extra_files: dict[str, str] | None = None
+) -> None:
     """Save an HF model (or PEFT adapter) with its tokenizer to ``out`` atomically (a fresh temp dir, then a
     rename); the files are listed in ``.posttrain-files.json``, and an existing ``out`` is replaced only when
     posttrain wrote all of it (``posttrain.rundir.replace_dir``). ``state_dict`` (full tensors by parameter name)
-    replaces the model's own, e.g. weights gathered from shards."""
+    replaces the model's own, e.g. weights gathered from shards; ``extra_files`` ({name: text}) are written beside
+    them (a merge's recipe, a quantisation record)."""
     from posttrain.rundir import replace_dir, temp_dir_for
 
     out = Path(out)
@@ -163,6 +166,8 @@ def save_model_dir(model: Any, tokenizer: Any, out: Path, *, state_dict: dict | 
         model.save_pretrained(tmp, safe_serialization=True, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         replace_dir(tmp, out)
     finally:
         if tmp.exists():

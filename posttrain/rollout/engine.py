@@ -272,14 +272,29 @@ class HFEngine:
         finally:
             self.model.train(was_training)
 
+    @torch.no_grad()
+    def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams, *, seed: int | list[int]) -> Rollouts:
+        """``generate`` from prompts already tokenised (e.g. the prompt part of a training example, which a
+        decode and re-encode might not reproduce token for token)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with decoding_attention(self.model):
+                return self._generate_ids(prompt_ids, params, seed)
+        finally:
+            self.model.train(was_training)
+
     def _generate(self, prompts: list[str], params: SamplingParams, seed: int | list[int]) -> Rollouts:
+        prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        return self._generate_ids(prompt_ids, params, seed)
+
+    def _generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams, seed: int | list[int]) -> Rollouts:
         tok = self.tokenizer
         # peft's forward would add a prompt-learning adapter's virtual tokens at every step: decode with the base
         # model, the virtual tokens put in once by _prefill.
         self._model = self.model.get_base_model() if is_prompt_learning(self.model) else self.model
-        prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         g = params.n
-        prompt_index = [i for i in range(len(prompts)) for _ in range(g)]
+        prompt_index = [i for i in range(len(prompt_ids)) for _ in range(g)]
         if self.share_prefill:
             logits, attn, cache = self._prefill(prompt_ids, params.max_new_tokens)
             # The G samples of a prompt reuse its prefill: repeat the cache rows instead of recomputing them.
@@ -292,8 +307,8 @@ class HFEngine:
         b, device = len(prompt_index), logits.device
         per_prompt = not isinstance(seed, int)
         if per_prompt:
-            if len(seed) != len(prompts):
-                raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts")
+            if len(seed) != len(prompt_ids):
+                raise ValueError(f"{len(seed)} seeds for {len(prompt_ids)} prompts")
             gens = [torch.Generator(device=device).manual_seed(s) for s in seed]
             generator_rows: list[int] = []
         else:

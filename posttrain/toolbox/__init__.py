@@ -1,0 +1,7 @@
+"""The model toolbox: what users do to a trained model before serving it (merge; prune and quantize to come).
+
+Each tool reads models the way every command does (a model dir, an adapter dir, ``builtin:NAME``) and writes a
+plain Hugging Face model directory. Distillation is a training stage (``posttrain.train``), not a tool here.
+"""
+
+MERGE_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")
