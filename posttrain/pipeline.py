@@ -149,7 +149,8 @@ def run_suite(model_spec: str, recipe: dict[str, Any], *, progress: bool = True)
 
     model, tokenizer = load_model(model_spec)
     model.to(resolve_device("auto"))
-    out: dict[str, Any] = {"tasks": {}}
+    out: dict[str, Any] = {"tasks": {}, "params": sum(p.numel() for p in model.parameters())}
+    out["size_mb"] = weights_on_disk(model_spec) / 2**20
     for i, cfg in enumerate(suite_configs(recipe)):
         result = evaluate_model(model, tokenizer, replace(cfg, progress=progress))
         keys = ("accuracy", "accuracy_strict", "accuracy_lenient", "accuracy_fair", "rows", "tokens_per_question")
@@ -159,6 +160,8 @@ def run_suite(model_spec: str, recipe: dict[str, Any], *, progress: bool = True)
                 accuracy=result["accuracy_strict"],
                 accuracy_lenient=result["accuracy_lenient"],
                 accuracy_fair=result["accuracy_fair"],
+                # greedy generation speed on the target task (batched, as the suite runs it; scoring included)
+                tokens_per_s=result["tokens_per_question"] * result["rows"] / max(result["wall_s"], 1e-9),
             )
         else:
             out.setdefault("retention", {})[cfg.task] = result["accuracy_strict"]
@@ -171,6 +174,20 @@ def run_suite(model_spec: str, recipe: dict[str, Any], *, progress: bool = True)
         out["perplexity"] = perplexity(model, tokenizer, source)
         out["perplexity_data"] = source
     return out
+
+
+def weights_on_disk(model_spec: str) -> int:
+    """Bytes of weight files (safetensors, bin) of a model directory; an adapter counts its base too."""
+    from posttrain.models.loading import is_adapter, resolve
+
+    path = Path(resolve(model_spec))
+    if not path.is_dir():
+        return 0
+    total = sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
+    if is_adapter(str(path)):
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path", "")
+        total += weights_on_disk(base) if base else 0
+    return total
 
 
 def search_configs(recipe: dict[str, Any]) -> list[EvalConfig]:
@@ -233,7 +250,7 @@ def _check_stage_names(stages: list[dict[str, Any]]) -> None:
 
 def _data_kinds(kind: str, cfg: Any) -> dict[str, str]:
     """Config key -> row kind of every data source a stage reads."""
-    if kind in ("pretrain", "sft"):
+    if kind in ("pretrain", "sft", "distill"):
         row = "text" if kind == "pretrain" else "sft"
         return {"data": row, "eval_data": row, "replay_data": "sft"}
     if kind == "dpo":
@@ -267,8 +284,9 @@ def _check_models_and_rewards(cfg: Any, produced: set[str]) -> None:
     from posttrain.models.loading import resolve
     from posttrain.rewards.api import load_reward
 
-    if cfg.model not in produced:
-        resolve(cfg.model)
+    for model in (cfg.model, getattr(cfg, "teacher", "")):
+        if model and model not in produced:
+            resolve(model)
     for spec in getattr(cfg, "reward", []):
         if spec.startswith("rm:"):
             for path in (p for p in spec[3:].split("+") if p and p not in produced):
@@ -294,7 +312,11 @@ def plan_recipe(
     artifacts: dict[str, str] = {}
     for index, stage in enumerate(recipe["stages"]):
         if "use" in stage:
-            previous = resolve(str(stage["use"]))
+            try:
+                previous = resolve(str(stage["use"]))
+            except PosttrainError as err:
+                raise ConfigError(f"stages[{index}]({stage['name']}).use: {err}") from None
+            artifacts[stage["name"]] = previous  # later stages may name it: teacher: "@teacher"
             plan.append((stage, None, previous))
             continue
         kind, cfg = stage_config(stage, index=index, out=run_dir, previous_model=previous, artifacts=artifacts)

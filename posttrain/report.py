@@ -21,13 +21,21 @@ COLUMNS = [
     ("retention_accuracy", "retention acc"),
     ("retention_accuracy_fair", "retention fair"),
     ("perplexity", "perplexity"),
+    ("params", "params"),
+    ("size_mb", "size MB"),
+    ("tokens_per_s", "gen tok/s"),
 ]
-ACCURACY_COLUMNS = [c for c in COLUMNS if c[0] != "perplexity"]  # the bars of "accuracy by stage"
+NOT_ACCURACY = ("perplexity", "params", "size_mb", "tokens_per_s")
+ACCURACY_COLUMNS = [c for c in COLUMNS if c[0] not in NOT_ACCURACY]  # the bars of "accuracy by stage"
 
 
 def _fmt(value: Any, key: str) -> str:
     if value is None:
         return "-"
+    if key == "params":
+        return f"{value / 1e6:.2f}M"
+    if key in ("size_mb", "tokens_per_s"):
+        return f"{value:.1f}" if key == "size_mb" else f"{value:.0f}"
     return f"{value:.2f}" if key == "perplexity" else f"{100 * value:.1f}%"
 
 
@@ -37,7 +45,7 @@ def stage_rows(stages: list[dict[str, Any]]) -> list[list[str]]:
     >>> ev = {"accuracy": 0.1, "accuracy_lenient": 0.5, "accuracy_fair": 0.25, "retention_accuracy": 0.028,
     ...       "retention_accuracy_fair": 0.02, "perplexity": 12.345}
     >>> stage_rows([{"name": "sft", "source": "trained", "eval": ev, "train_wall_s": 1, "wall_s": 2}])
-    [['sft', 'trained', '10.0%', '50.0%', '25.0%', '2.8%', '2.0%', '12.35', '1.0s', '2.0s']]
+    [['sft', 'trained', '10.0%', '50.0%', '25.0%', '2.8%', '2.0%', '12.35', '-', '-', '-', '1.0s', '2.0s']]
     """
     rows = []
     for s in stages:

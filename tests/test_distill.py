@@ -257,3 +257,25 @@ def test_bad_distill_settings_are_clear_errors(tmp_path, data, tiny_model_dir, c
     code = main(["distill", "--teacher", str(other), "--data", data, "--out", str(tmp_path / "x"), "--max-steps", "1",
                  "--no-progress"])  # fmt: skip
     assert code == 2 and "different tokenizers" in capsys.readouterr().err
+
+
+def test_distill_recipe_reports_teacher_and_both_students(tmp_path, tiny_model_dir):
+    """The recipe cut to one step per stage, the teacher swapped for a saved tiny model: every stage row carries
+    accuracy, parameters, size on disk and generation speed, and the student is the half-depth one."""
+    from posttrain.pipeline import RECIPES, load_recipe, run_recipe
+
+    cut = ["sft_only.max_steps=1", "distilled.max_steps=1", "sft_only.batch_size=2", "distilled.batch_size=2"]
+    small = [
+        "evaluate.limit=3",
+        "evaluate.max_new_tokens=8",
+        "distilled.max_new_tokens=8",
+        "evaluate.tasks=[arithmetic]",
+    ]
+    recipe = load_recipe(RECIPES / "distill.yaml", [f"teacher.use={tiny_model_dir}", *cut, *small])
+    summary = run_recipe(recipe, out=str(tmp_path / "run"), progress=False)
+    stages = {s["name"]: s for s in summary["stages"]}
+    assert list(stages) == ["teacher", "student", "sft_only", "distilled"]
+    assert stages["distilled"]["train"]["distill"]["teacher"] == str(tiny_model_dir)
+    teacher, student = stages["teacher"]["eval"], stages["distilled"]["eval"]
+    assert student["params"] == 538_112 and teacher["params"] == 1_062_912
+    assert 0 < student["size_mb"] < teacher["size_mb"] and student["tokens_per_s"] > 0

@@ -30,10 +30,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def builtin_path(name: str) -> Path:
     """Directory of a shipped model (``builtin:tiny-base``) or of a converted one (``builtin:smollm2-135m-instruct``,
     converted into the cache on first use)."""
-    from posttrain.models import smollm2
+    from posttrain.models import derived, smollm2
 
     if name == smollm2.NAME:
         return smollm2.ensure_smollm2()
+    if name == derived.TINY_HALF:
+        return derived.ensure_tiny_half()
     path = ASSETS / name
     if not (path / "config.json").is_file():
         raise ModelError(f"builtin:{name}: no such shipped model (shipped: {', '.join(shipped_models())})")
@@ -42,10 +44,10 @@ def builtin_path(name: str) -> Path:
 
 def shipped_models() -> list[str]:
     """Names ``builtin:NAME`` loads: the models in the package's assets and those converted from an extra."""
-    from posttrain.models import smollm2
+    from posttrain.models import derived, smollm2
 
     shipped = [p.name for p in ASSETS.iterdir() if (p / "config.json").is_file()] if ASSETS.is_dir() else []
-    return sorted([*shipped, smollm2.NAME])
+    return sorted([*shipped, smollm2.NAME, derived.TINY_HALF])
 
 
 def resolve(spec: str) -> str:
