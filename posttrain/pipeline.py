@@ -36,6 +36,7 @@ from posttrain.errors import ConfigError, PosttrainError
 from posttrain.rundir import check_run_dir, claim, write_atomic
 from posttrain.stages import STAGES
 from posttrain.tasks.text import is_text_source, text_rows
+from posttrain.toolbox.steps import TOOLS, tool_step
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 QUICKSTART = RECIPES / "quickstart.yaml"
@@ -90,16 +91,7 @@ def stage_config(
 ) -> tuple[str, Any]:
     """(type, config) of one recipe stage; ``model`` defaults to the previous policy stage's result, and
     ``@NAME`` in a value stands for stage NAME's result (e.g. ``reward: [rm:@rm]`` for a reward model)."""
-    artifacts = artifacts or {}
-
-    def expand(value: Any) -> Any:
-        if isinstance(value, list):
-            return [expand(v) for v in value]
-        if isinstance(value, str) and "@" in value:
-            for name, path in artifacts.items():
-                value = value.replace(f"@{name}", path)
-        return value
-
+    expand = _expander(artifacts or {})
     values = {k: expand(v) for k, v in stage.items() if k not in ("name", "type", "use")}
     kind = stage.get("type", stage["name"])
     if kind not in STAGES:
@@ -109,6 +101,20 @@ def stage_config(
     if previous_model is not None:
         values.setdefault("model", previous_model)
     return kind, build_config(STAGES[kind].config, values, path=f"stages[{index}]({stage['name']})")
+
+
+def _expander(artifacts: dict[str, str]) -> Any:
+    """``@NAME`` in a value (a string or a list of them) -> stage NAME's result."""
+
+    def expand(value: Any) -> Any:
+        if isinstance(value, list):
+            return [expand(v) for v in value]
+        if isinstance(value, str) and "@" in value:
+            for name, path in sorted(artifacts.items(), key=lambda item: -len(item[0])):  # @sft_only before @sft
+                value = value.replace(f"@{name}", path)
+        return value
+
+    return expand
 
 
 def suite_perplexity_source(recipe: dict[str, Any]) -> str:
@@ -319,6 +325,11 @@ def plan_recipe(
             artifacts[stage["name"]] = previous  # later stages may name it: teacher: "@teacher"
             plan.append((stage, None, previous))
             continue
+        if stage.get("type") in TOOLS:  # merge / prune / quantize: a tool's output is the next stage's model
+            step = tool_step(stage, index=index, out=run_dir, previous_model=previous, expand=_expander(artifacts))
+            artifacts[stage["name"]] = previous = step.out
+            plan.append((stage, "tool", step))
+            continue
         kind, cfg = stage_config(stage, index=index, out=run_dir, previous_model=previous, artifacts=artifacts)
         cfg = replace(
             cfg, progress=progress and cfg.progress, resume=cfg.resume or resume, overwrite=cfg.overwrite or overwrite
@@ -357,20 +368,36 @@ def run_recipe(
     claimed = claim(run_dir, key="run.out", resume=resume, overwrite=overwrite)
     try:
         write_atomic(run_dir / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
-        return _run_plan(recipe, plan, run_dir, print_stage_table, write_report, progress)
+        return _run_plan(recipe, plan, run_dir, print_stage_table, write_report, progress, resume=resume)
     finally:
         claimed.release()
 
 
 def _run_plan(
-    recipe: dict[str, Any], plan: list, run_dir: Path, print_stage_table: Any, write_report: Any, progress: bool
+    recipe: dict[str, Any],
+    plan: list,
+    run_dir: Path,
+    print_stage_table: Any,
+    write_report: Any,
+    progress: bool,
+    *,
+    resume: bool = False,
 ) -> dict:
     started = time.perf_counter()
     stages: list[dict[str, Any]] = []
     previous: str | None = None
     for stage, kind, cfg in plan:
         t0 = time.perf_counter()
-        if kind is None:
+        if kind == "tool":
+            record = {
+                "name": stage["name"],
+                "source": cfg.kind,
+                "type": cfg.kind,
+                "model": cfg.out,
+                "tool": cfg.run(resume=resume),
+            }
+            previous = cfg.out
+        elif kind is None:
             previous = cfg
             provenance = Path(previous) / "PROVENANCE.json"
             record = {

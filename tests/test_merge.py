@@ -225,3 +225,25 @@ def test_merge_cli(three, tmp_path, capsys):
     assert "exactly two" in capsys.readouterr().err
     assert main(["merge", "--model", base, "--models", a, b, "--method", "linear", "--out", str(tmp_path / "z")]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_merge_as_a_recipe_stage(three, tmp_path):
+    """A recipe's ``type: merge`` stage: @NAME inputs, its output evaluated and handed on; bad keys named."""
+    from posttrain.pipeline import plan_recipe, run_recipe
+
+    base, a, b = three
+    stages = [
+        {"name": "base", "use": base},
+        {"name": "a", "use": a},
+        {"name": "avg", "type": "merge", "method": "linear", "models": ["@a", b]},
+    ]
+    recipe = {"evaluate": {"tasks": ["arithmetic"], "limit": 2, "max_new_tokens": 4, "perplexity_data": ""}}
+    summary = run_recipe({**recipe, "stages": stages}, out=str(tmp_path / "run"), progress=False)
+    merged = summary["stages"][-1]
+    assert merged["type"] == "merge" and merged["tool"]["models"] == [a, b]
+    assert summary["final_model"] == str(tmp_path / "run" / "avg") and "accuracy" in merged["eval"]
+    sa, sb, sm = _state(a), _state(b), _state(tmp_path / "run" / "avg")
+    assert_close(sm["model.norm.weight"], (sa["model.norm.weight"] + sb["model.norm.weight"]) / 2)
+    bad = [*stages[:2], {"name": "x", "type": "merge", "method": "linear", "models": ["@a", b], "desnity": 0.5}]
+    with pytest.raises(ConfigError, match=r"stages\[2\]\(x\)\.desnity: unknown key for a merge stage"):
+        plan_recipe({**recipe, "stages": bad}, tmp_path / "run2")
