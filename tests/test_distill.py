@@ -279,3 +279,27 @@ def test_distill_recipe_reports_teacher_and_both_students(tmp_path, tiny_model_d
     teacher, student = stages["teacher"]["eval"], stages["distilled"]["eval"]
     assert student["params"] == 538_112 and teacher["params"] == 1_062_912
     assert 0 < student["size_mb"] < teacher["size_mb"] and student["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize(("extra", "on_policy"), [({"seq_kd": True}, 0), ({"lmbda": 1.0}, 1)])
+def test_sampled_completions_replace_the_dataset_ones(tmp_path, data, tiny_model_dir, extra, on_policy, monkeypatch):
+    """seq_kd (teacher samples) and on-policy steps (student samples) train on completions of max_new_tokens=1:
+    exactly one completion token per row, where the dataset's completions have 2-3 (digits and EOS); the model
+    sampled from is the teacher for seq_kd and the student on-policy."""
+    from posttrain.train import distill
+
+    sampled_from = []
+    real = distill.sampled_completions
+
+    def spy(model, *args, **kwargs):
+        sampled_from.append(str(getattr(model, "name_or_path", "")))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(distill, "sampled_completions", spy)
+    distill.run_distill(_cfg(tmp_path, data, str(tiny_model_dir), name="s", max_new_tokens=1, **extra))
+    record = _metrics(tmp_path / "s")[0]
+    assert record["completion_tokens"] == 4 and record["on_policy"] == on_policy
+    assert sampled_from == [str(tiny_model_dir) if on_policy == 0 else "builtin:tiny-base"]
+    run_distill = distill.run_distill
+    run_distill(_cfg(tmp_path, data, str(tiny_model_dir), name="d"))
+    assert _metrics(tmp_path / "d")[0]["completion_tokens"] == 10
