@@ -67,11 +67,13 @@ def test_configs_are_validated_when_built(stage, values, message):
 def test_recipes_accept_every_registered_stage_and_nothing_else(tmp_path):
     from posttrain.pipeline import stage_config
 
+    required = {"distill": {"teacher": "builtin:tiny-base"}}  # keys without a default
     for name in STAGES:
-        kind, cfg = stage_config({"name": name}, index=0, out=tmp_path, previous_model=None)
+        stage = {"name": name, **required.get(name, {})}
+        kind, cfg = stage_config(stage, index=0, out=tmp_path, previous_model=None)
         assert kind == name and isinstance(cfg, STAGES[name].config)
-    with pytest.raises(ConfigError, match="unknown stage type 'distill'"):
-        stage_config({"name": "distill"}, index=3, out=tmp_path, previous_model=None)
+    with pytest.raises(ConfigError, match="unknown stage type 'rlhf'"):
+        stage_config({"name": "rlhf"}, index=3, out=tmp_path, previous_model=None)
 
 
 class _Probe:
@@ -130,7 +132,8 @@ def test_shared_runtime_flags_reach_every_stage(stage, tmp_path):
 
     cfg = build_config(
         STAGES[stage].config,
-        {"out": str(tmp_path), "max_steps": 1, "threads": 1, "mixed_precision": "bf16", "progress": False},
+        {"out": str(tmp_path), "max_steps": 1, "threads": 1, "mixed_precision": "bf16", "progress": False}
+        | ({"teacher": "builtin:tiny-base"} if stage == "distill" else {}),
         path=stage,
     )
     before = torch.get_num_threads()
