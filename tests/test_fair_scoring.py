@@ -8,6 +8,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from posttrain.eval.generate import Generations
 from posttrain.tasks import TASKS, Task, get_task
@@ -234,11 +235,13 @@ def test_suite_reports_fair_accuracy_and_fair_retention(monkeypatch, capsys):
             "accuracy_fair": fair,
             "rows": 4,
             "tokens_per_question": 2.0,
+            "wall_s": 0.5,
         }
 
     monkeypatch.setattr(harness, "evaluate_model", fake_evaluate)
     monkeypatch.setattr(harness, "perplexity", lambda model, tok, source: seen.append(source) or 7.0)
-    monkeypatch.setattr(loading, "load_model", lambda spec: (SimpleNamespace(to=lambda device: None), None))
+    model = SimpleNamespace(to=lambda device: None, parameters=lambda: [torch.zeros(3, 4), torch.zeros(5)])
+    monkeypatch.setattr(loading, "load_model", lambda spec: (model, None))
     recipe = {"evaluate": {"tasks": ["arithmetic", "uppercase", "arithmetic_prefs"]}}
     out = pipeline.run_suite("m", recipe, progress=False)
     assert (out["accuracy"], out["accuracy_lenient"], out["accuracy_fair"]) == (0.5, 0.75, 0.625)
@@ -248,6 +251,7 @@ def test_suite_reports_fair_accuracy_and_fair_retention(monkeypatch, capsys):
     assert out["retention_accuracy_fair"] == pytest.approx((0.01 + 0.5) / 2)
     assert out["tasks"]["uppercase"]["accuracy_fair"] == 0.01
     assert (out["perplexity"], out["perplexity_data"], seen) == (7.0, "text:general", ["text:general"])  # default
+    assert (out["params"], out["tokens_per_s"], out["size_mb"]) == (17, 16.0, 0.0)  # 2 tokens x 4 rows / 0.5 s
     print_stage_table([{"name": "sft", "source": "trained", "eval": out}])
     table = capsys.readouterr().out
     assert "fair acc" in table and "retention fair" in table and "62.5%" in table and "25.5%" in table
