@@ -23,6 +23,7 @@ from posttrain.config import EvalConfig, build_config, field_help
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.stages import STAGES
 from posttrain.toolbox import MERGE_METHODS
+from posttrain.toolbox.commands import add_prune_parser, run_prune
 
 
 def _flag_value(raw: str, tp: Any, flag: str) -> Any:
@@ -170,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "--overwrite", action="store_true", help="replace --out if it is a model directory posttrain wrote"
     )
+    add_prune_parser(sub)
     return parser
 
 
@@ -339,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _inspect(args)
         elif args.command == "merge":
             _merge(args)
+        elif args.command == "prune":
+            run_prune(args)
     except PosttrainError as err:
         return _fail(args.command, str(err), 2)
     except KeyboardInterrupt:

@@ -168,8 +168,9 @@ def _tensor_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def _load_full(spec: str) -> tuple[Any, Any]:
-    """(model in float32 with any adapter folded in, tokenizer); prompt adapters have nothing to fold."""
+def load_full(spec: str) -> tuple[Any, Any]:
+    """(model in float32 with any adapter folded in, tokenizer): what the tools work on. Prompt adapters have
+    nothing to fold and are refused."""
     from posttrain.models.loading import adapter_type, load_model, resolve
 
     kind = adapter_type(resolve(spec))
@@ -257,7 +258,7 @@ def merge_models(
         base = bases.pop()
     weights = weights if weights is not None else [1.0] * len(models)  # linear divides by their sum
     density = 1.0 if density is None else density
-    loaded = [_load_full(spec) for spec in [*models, *([base] if base else [])]]
+    loaded = [load_full(spec) for spec in [*models, *([base] if base else [])]]
     names = [*models, *([base] if base else [])]
     check_compatible(names, [m for m, _ in loaded], [tok for _, tok in loaded])
     target, tokenizer = loaded[0]
