@@ -437,3 +437,26 @@ def test_structured_on_an_unknown_layout_is_refused_but_unstructured_works(token
     ]
     state = _state(tmp_path / "u")
     assert all(_zero_fraction(state[f"{n}.weight"]) == 0.5 for n in record["layer_sparsity"])
+
+
+def test_compress_recipe_runs_each_tool_and_reports_size(tmp_path, tiny_model_dir):
+    """recipes/compress.yaml cut short, on a saved tiny model as the original: every variant is evaluated; the
+    structured variant is smaller on disk, unstructured ones are not (zeros stored dense)."""
+    from posttrain.pipeline import RECIPES, load_recipe, run_recipe
+
+    cut = ["distilled.max_steps=1", "distilled.batch_size=2", "distilled.max_new_tokens=4"]
+    small = [
+        "evaluate.limit=2",
+        "evaluate.max_new_tokens=4",
+        "evaluate.tasks=[arithmetic]",
+        "evaluate.perplexity_data=",
+    ]
+    calib = [f"{name}.calibration_rows=4" for name in ("wanda30", "wanda50", "mlp25")]
+    recipe = load_recipe(RECIPES / "compress.yaml", [f"original.use={tiny_model_dir}", *cut, *small, *calib])
+    summary = run_recipe(recipe, out=str(tmp_path / "run"), progress=False)
+    stages = {s["name"]: s for s in summary["stages"]}
+    assert list(stages) == ["original", "base", "merged", "distilled", "wanda30", "wanda50", "mlp25"]
+    assert stages["wanda50"]["tool"]["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
+    size = {name: s["eval"]["size_mb"] for name, s in stages.items()}
+    assert size["wanda50"] == pytest.approx(size["original"], rel=0.01) and size["mlp25"] < 0.9 * size["original"]
+    assert stages["mlp25"]["eval"]["params"] < stages["original"]["eval"]["params"]
