@@ -84,24 +84,19 @@ class DistillStage(LMStage):
         local_targets = sum(sum(e.loss_mask[1:]) for e in batch)
         n_targets, tokens = run.ctx.sum(local_targets, sum(len(e.input_ids) for e in batch))
         n_targets = max(int(n_targets), 1)
-        loss_sum, correct = 0.0, 0
         size = len(batch) // cfg.grad_accum
-        for k, part in enumerate(run.micro_batches(batch, cfg.grad_accum)):
-            packed = pack(part).to(run.ctx.device)
+
+        def forward(k: int, packed: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
             part_top = _cat_top(top[k * size : (k + 1) * size], run.ctx.device) if top is not None else None
-            with run.amp():
-                losses, right = run.model.forward(self.distill_losses, packed, part_top)
-            loss = losses.float().sum() / n_targets
-            run.backward(loss)
-            loss_sum += float(loss.detach())
-            correct += int(right.sum())
-        finite, grad_norm, loss_value = run.update(loss_sum)
-        (correct_all,) = run.ctx.sum(correct)
+            losses, right = run.model.forward(self.distill_losses, packed, part_top)
+            return losses.float().sum(), right
+
+        finite, grad_norm, loss, accuracy = self.accumulate(run, batch, n_targets, forward)
         return {
             "finite": finite,
-            "loss": loss_value,
+            "loss": loss,
             "grad_norm": grad_norm,
-            "token_accuracy": correct_all / n_targets,
+            "token_accuracy": accuracy,
             "on_policy": int(on_policy),
             "completion_tokens": n_targets,
             "tokens": int(tokens),

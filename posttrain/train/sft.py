@@ -102,25 +102,36 @@ class LMStage(Stage):
         # Whole-step counts, known on every rank without communication: every rank sees the global batch.
         n_targets = max(sum(sum(e.loss_mask[1:]) for e in batch), 1)
         tokens = sum(len(e.input_ids) for e in batch)
-        mine = run.ctx.shard(batch)
+
+        def forward(k: int, packed: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+            losses, right = run.model.forward(self.loss_fn, packed)
+            return masked_sum(losses.float(), packed.target_mask), right
+
+        finite, grad_norm, loss, accuracy = self.accumulate(run, run.ctx.shard(batch), n_targets, forward)
+        return {"finite": finite, "loss": loss, "grad_norm": grad_norm, "token_accuracy": accuracy, "tokens": tokens}
+
+    def accumulate(
+        self,
+        run: Run,
+        rows: list[Example],
+        n_targets: int,
+        forward: Callable[[int, PackedBatch], tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[bool, float, float, float]:
+        """This rank's ``rows`` in ``grad_accum`` packed micro-batches: ``forward(k, packed) -> (summed token loss,
+        correct (n,))`` under autocast, each sum divided by the whole step's ``n_targets`` and backpropagated, then
+        the update. Returns (finite, gradient norm, the step's loss, its token accuracy), global values."""
         loss_sum, correct = 0.0, 0
-        for part in run.micro_batches(mine, self.cfg.grad_accum):
+        for k, part in enumerate(run.micro_batches(rows, self.cfg.grad_accum)):
             packed = pack(part).to(run.ctx.device)
             with run.amp():
-                losses, right = run.model.forward(self.loss_fn, packed)
-            loss = masked_sum(losses.float(), packed.target_mask) / n_targets
+                summed, right = forward(k, packed)
+            loss = summed / n_targets
             run.backward(loss)
             loss_sum += float(loss.detach())
             correct += int(right.sum())
         finite, grad_norm, loss_value = run.update(loss_sum)
         (correct_all,) = run.ctx.sum(correct)
-        return {
-            "finite": finite,
-            "loss": loss_value,
-            "grad_norm": grad_norm,
-            "token_accuracy": correct_all / n_targets,
-            "tokens": tokens,
-        }
+        return finite, grad_norm, loss_value, correct_all / n_targets
 
     def evaluate(self, run: Run) -> dict[str, float]:
         """Token-mean NLL on the held-out examples (each rank a share; summed over ranks)."""
