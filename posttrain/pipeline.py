@@ -95,7 +95,7 @@ def stage_config(
     values = {k: expand(v) for k, v in stage.items() if k not in ("name", "type", "use")}
     kind = stage.get("type", stage["name"])
     if kind not in STAGES:
-        choices = ", ".join(STAGES)
+        choices = ", ".join([*STAGES, *TOOLS])
         raise ConfigError(f"stages[{index}].type: unknown stage type {kind!r} (choose one of {choices})")
     values.setdefault("out", str(out / stage["name"]))
     if previous_model is not None:
@@ -325,7 +325,7 @@ def plan_recipe(
             artifacts[stage["name"]] = previous  # later stages may name it: teacher: "@teacher"
             plan.append((stage, None, previous))
             continue
-        if stage.get("type") in TOOLS:  # merge / prune / quantize: a tool's output is the next stage's model
+        if stage.get("type") in TOOLS:  # merge / prune: a tool's output is the next stage's model
             step = tool_step(stage, index=index, out=run_dir, previous_model=previous, expand=_expander(artifacts))
             artifacts[stage["name"]] = previous = step.out
             plan.append((stage, "tool", step))

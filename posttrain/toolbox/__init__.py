@@ -1,4 +1,5 @@
-"""The model toolbox: what users do to a trained model before serving it: merge, prune, quantize.
+"""The model toolbox: what users do to a trained model before serving it: merge and prune
+(quantize to come).
 
 Each tool reads models the way every command does (a model dir, an adapter dir, ``builtin:NAME``) and writes a
 plain Hugging Face model directory. Distillation is a training stage (``posttrain.train``), not a tool here.

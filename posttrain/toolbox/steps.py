@@ -1,12 +1,12 @@
-"""Toolbox steps in recipes: a stage of ``type: merge``, ``prune`` or ``quantize`` runs that tool on a model and
-hands its output (a plain HF model directory, ``OUT/NAME``) to the next stage, which the evaluation suite then
-measures like any trained stage.
+"""Toolbox steps in recipes: a stage of ``type: merge`` or ``prune`` runs that tool on a model and hands its
+output (a plain HF model directory, ``OUT/NAME``) to the next stage, which the evaluation suite then measures like
+any trained stage.
 
 The stage's keys are the tool function's keyword arguments (``posttrain.toolbox.merge.merge_models``,
-``prune.prune_model``, ``quantize.quantize_model``); ``model`` defaults to the previous stage's result (merge
-takes ``models`` instead), and ``@NAME`` names an earlier stage's result, as in every recipe stage::
+``prune.prune_model``); ``model`` defaults to the previous stage's result (merge takes ``models`` instead), and
+``@NAME`` names an earlier stage's result, as in every recipe stage::
 
-    - {name: int8, type: quantize, model: "@grpo", method: int8}
+    - {name: w50, type: prune, model: "@grpo", method: wanda, sparsity: 0.5, calibration: "task:arithmetic"}
     - {name: wise, type: merge, method: slerp, models: ["@grpo", "@base"], t: 0.3}
 
     >>> step = tool_step({"name": "m", "type": "merge", "method": "linear", "models": ["a", "b"]},
@@ -30,7 +30,6 @@ from posttrain.errors import ConfigError
 TOOLS = {
     "merge": "posttrain.toolbox.merge:merge_models",
     "prune": "posttrain.toolbox.prune:prune_model",
-    "quantize": "posttrain.toolbox.quantize:quantize_model",
 }
 
 
