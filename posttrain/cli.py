@@ -23,7 +23,7 @@ from posttrain.config import EvalConfig, build_config, field_help
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.stages import STAGES
 from posttrain.toolbox import MERGE_METHODS
-from posttrain.toolbox.commands import add_prune_parser, run_prune
+from posttrain.toolbox.commands import add_prune_parser, add_quantize_parser, run_prune, run_quantize
 
 
 def _flag_value(raw: str, tp: Any, flag: str) -> Any:
@@ -172,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace --out if it is a model directory posttrain wrote"
     )
     add_prune_parser(sub)
+    add_quantize_parser(sub)
     return parser
 
 
@@ -343,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _merge(args)
         elif args.command == "prune":
             run_prune(args)
+        elif args.command == "quantize":
+            run_quantize(args)
     except PosttrainError as err:
         return _fail(args.command, str(err), 2)
     except KeyboardInterrupt:

@@ -155,7 +155,7 @@ def run_suite(model_spec: str, recipe: dict[str, Any], *, progress: bool = True)
 
     model, tokenizer = load_model(model_spec)
     model.to(resolve_device("auto"))
-    out: dict[str, Any] = {"tasks": {}, "params": sum(p.numel() for p in model.parameters())}
+    out: dict[str, Any] = {"tasks": {}, "params": parameter_count(model)}
     out["size_mb"] = weights_on_disk(model_spec) / 2**20
     for i, cfg in enumerate(suite_configs(recipe)):
         result = evaluate_model(model, tokenizer, replace(cfg, progress=progress))
@@ -180,6 +180,14 @@ def run_suite(model_spec: str, recipe: dict[str, Any], *, progress: bool = True)
         out["perplexity"] = perplexity(model, tokenizer, source)
         out["perplexity_data"] = source
     return out
+
+
+def parameter_count(model: Any) -> int:
+    """Parameters of ``model`` as a full-precision model has them: a 4-bit layer stores two weights per element."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "num_parameters"):
+        return int(base.num_parameters())
+    return sum(p.numel() for p in model.parameters())
 
 
 def weights_on_disk(model_spec: str) -> int:

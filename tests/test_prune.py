@@ -441,7 +441,7 @@ def test_structured_on_an_unknown_layout_is_refused_but_unstructured_works(token
 
 def test_compress_recipe_runs_each_tool_and_reports_size(tmp_path, tiny_model_dir):
     """recipes/compress.yaml cut short, on a saved tiny model as the original: every variant is evaluated; the
-    structured variant is smaller on disk, unstructured ones are not (zeros stored dense)."""
+    structured and quantized variants are smaller on disk, unstructured ones are not (zeros stored dense)."""
     from posttrain.pipeline import RECIPES, load_recipe, run_recipe
 
     cut = ["distilled.max_steps=1", "distilled.batch_size=2", "distilled.max_new_tokens=4"]
@@ -455,8 +455,10 @@ def test_compress_recipe_runs_each_tool_and_reports_size(tmp_path, tiny_model_di
     recipe = load_recipe(RECIPES / "compress.yaml", [f"original.use={tiny_model_dir}", *cut, *small, *calib])
     summary = run_recipe(recipe, out=str(tmp_path / "run"), progress=False)
     stages = {s["name"]: s for s in summary["stages"]}
-    assert list(stages) == ["original", "base", "merged", "distilled", "wanda30", "wanda50", "mlp25"]
+    assert list(stages) == ["original", "base", "merged", "distilled", "wanda30", "wanda50", "mlp25", "int8", "int4"]
     assert stages["wanda50"]["tool"]["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
     size = {name: s["eval"]["size_mb"] for name, s in stages.items()}
     assert size["wanda50"] == pytest.approx(size["original"], rel=0.01) and size["mlp25"] < 0.9 * size["original"]
     assert stages["mlp25"]["eval"]["params"] < stages["original"]["eval"]["params"]
+    assert size["int4"] < size["int8"] < 0.5 * size["original"]  # the tiny model's embeddings stay in float32
+    assert stages["int4"]["eval"]["params"] == stages["int8"]["eval"]["params"] == stages["original"]["eval"]["params"]

@@ -24,6 +24,7 @@ import torch
 from posttrain.errors import ModelError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -145,6 +146,9 @@ def load_model(
             model.prompt_encoder.requires_grad_(True)
         tokenizer_dir = path if (Path(path) / "tokenizer_config.json").is_file() else resolve(base_spec)
         return model, load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
+    from posttrain.toolbox.quantize import require_loader
+
+    require_loader(path)  # a quantized model (posttrain quantize) needs its library
     model = _from_pretrained(AutoModelForCausalLM, path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     if spec.startswith("builtin:"):
         model.name_or_path = spec  # what peft records as an adapter's base

@@ -172,8 +172,11 @@ def load_full(spec: str) -> tuple[Any, Any]:
     """(model in float32 with any adapter folded in, tokenizer): what the tools work on. Prompt adapters have
     nothing to fold and are refused."""
     from posttrain.models.loading import adapter_type, load_model, resolve
+    from posttrain.toolbox.quantize import quantization_of
 
     kind = adapter_type(resolve(spec))
+    if quantization_of(resolve(spec)) is not None:
+        raise ModelError(f"{spec}: a quantized model; the tools work on full-precision weights: use the original")
     if kind in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
         raise ModelError(f"{spec}: a {kind.lower()} adapter adds virtual tokens and has no weights to merge")
     model, tokenizer = load_model(spec, dtype="float32")

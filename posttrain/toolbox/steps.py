@@ -1,10 +1,10 @@
-"""Toolbox steps in recipes: a stage of ``type: merge`` or ``prune`` runs that tool on a model and hands its
-output (a plain HF model directory, ``OUT/NAME``) to the next stage, which the evaluation suite then measures like
-any trained stage.
+"""Toolbox steps in recipes: a stage of ``type: merge``, ``prune`` or ``quantize`` runs that tool on a model and
+hands its output (a model directory, ``OUT/NAME``) to the next stage, which the evaluation suite then measures
+like any trained stage.
 
 The stage's keys are the tool function's keyword arguments (``posttrain.toolbox.merge.merge_models``,
-``prune.prune_model``); ``model`` defaults to the previous stage's result (merge takes ``models`` instead), and
-``@NAME`` names an earlier stage's result, as in every recipe stage::
+``prune.prune_model``, ``quantize.quantize_model``); ``model`` defaults to the previous stage's result (merge takes
+``models`` instead), and ``@NAME`` names an earlier stage's result, as in every recipe stage::
 
     - {name: w50, type: prune, model: "@grpo", method: wanda, sparsity: 0.5, calibration: "task:arithmetic"}
     - {name: wise, type: merge, method: slerp, models: ["@grpo", "@base"], t: 0.3}
@@ -30,6 +30,7 @@ from posttrain.errors import ConfigError
 TOOLS = {
     "merge": "posttrain.toolbox.merge:merge_models",
     "prune": "posttrain.toolbox.prune:prune_model",
+    "quantize": "posttrain.toolbox.quantize:quantize_model",
 }
 
 

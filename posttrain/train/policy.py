@@ -30,6 +30,8 @@ def model_for_training(cfg: Any, device: torch.device) -> tuple[Any, Any]:
     torch.manual_seed(cfg.seed)
     stacked = False
     method = adapter_method(cfg)
+    if cfg.model not in FRESH_MODELS:
+        _refuse_quantized(cfg.model)
     if cfg.model not in FRESH_MODELS and adapter_type(resolve(cfg.model)) in VIRTUAL_TYPES:
         return _continue_virtual(cfg, method, device)
     if cfg.model in FRESH_MODELS:
@@ -104,6 +106,18 @@ def _continue_virtual(cfg: Any, method: str | None, device: torch.device) -> tup
     tokenizer = use_chat_template(tokenizer, getattr(cfg, "chat_template", ""), key="model.chat_template")
     setattr(model, CONTINUED, True)
     return model.to(device), tokenizer
+
+
+def _refuse_quantized(spec: str) -> None:
+    """Training updates full-precision weights: a quantized model (``posttrain quantize``) is refused by name."""
+    from posttrain.toolbox.quantize import quantization_of
+
+    config = quantization_of(resolve(spec))
+    if config is not None:
+        raise ConfigError(
+            f"model: {spec} is quantized ({config.get('quant_method', '?')}); training needs full-precision weights:"
+            " train the model it was quantized from and quantize the result (for 4-bit adapters: peft: qlora)"
+        )
 
 
 def default_eval_data(data: str) -> str:
