@@ -5,7 +5,9 @@ Each variant is measured in a fresh process (its own peak memory, no warm caches
 after another with nothing else running: prefill = one no-grad forward of a batch of 1 x 128 tokens (median of
 ``--repeats`` after a warm-up); decode = ``posttrain``'s generation engine, greedy, ``--new-tokens`` tokens for
 1 and for 8 prompts (tokens/s, median of ``--repeats`` after a warm-up); quality = perplexity on the shipped
-English text (``text:general``). Prints a markdown table and appends it to ``--out``.
+English text (``text:general``). Memory: resident memory the model added (measured after the prefill forwards,
+so every weight has been read) and the process's peak before the perplexity pass (which holds a batch of
+full-vocabulary logits). Prints a markdown table, appended to ``--out``.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_quantize.py --threads 2 --out BENCHMARKS.md
 """
@@ -15,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -25,25 +26,48 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-VARIANTS = ("float32", "bfloat16", "int8", "int4")
+# variant -> (quantize method or None, dtype of the unquantized weights and activations)
+VARIANTS = {
+    "float32": (None, "float32"),
+    "bfloat16": (None, "bfloat16"),
+    "int8": ("int8", "float32"),
+    "int8, bf16 activations": ("int8", "bfloat16"),
+    "int4 (nf4)": ("int4", "float32"),
+    "int4 (nf4), bf16 activations": ("int4", "bfloat16"),
+}
 
 
 def prepare(model: str, work: Path) -> dict[str, str]:
-    """The variants' model directories: the original (float32), a bfloat16 copy, and the two quantized ones."""
+    """The variants' model directories: the original (float32), a bfloat16 copy, and the quantized ones."""
     from posttrain.models.loading import load_model, resolve, save_model_dir
     from posttrain.toolbox.quantize import quantize_model
 
-    dirs = {"float32": resolve(model)}
-    bf16, tokenizer = load_model(model, dtype="bfloat16")
-    save_model_dir(bf16, tokenizer, work / "bfloat16")
-    dirs["bfloat16"] = str(work / "bfloat16")
-    for method in ("int8", "int4"):
-        quantize_model(model, work / method, method=method)
-        dirs[method] = str(work / method)
+    dirs = {}
+    for i, (name, (method, dtype)) in enumerate(VARIANTS.items()):
+        out = work / f"v{i}"
+        if method is None and dtype == "float32":
+            dirs[name] = resolve(model)
+        elif method is None:
+            weights, tokenizer = load_model(model, dtype=dtype)
+            save_model_dir(weights, tokenizer, out)
+            dirs[name] = str(out)
+        else:
+            quantize_model(model, out, method=method, dtype=dtype)
+            dirs[name] = str(out)
     return dirs
 
 
-def measure(path: str, *, threads: int, repeats: int, new_tokens: int) -> dict:
+def memory_mb(field: str) -> float:
+    """This process's resident memory now (``VmRSS``) or at its peak (``VmHWM``). Not ``ru_maxrss``: Linux carries
+    that over from the parent across fork and exec, so a worker would report its parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(path: str, *, dtype: str, threads: int, repeats: int, new_tokens: int) -> dict:
     """One variant, in this process: the figures of one table row."""
     import torch
 
@@ -53,8 +77,8 @@ def measure(path: str, *, threads: int, repeats: int, new_tokens: int) -> dict:
     from posttrain.rollout.engine import HFEngine, SamplingParams
 
     torch.set_num_threads(threads)
+    before = memory_mb("VmRSS")
     start = time.perf_counter()
-    dtype = "bfloat16" if path.endswith("bfloat16") else "float32"
     model, tokenizer = load_model(path, dtype=dtype)
     model.eval()
     load_s = time.perf_counter() - start
@@ -66,6 +90,7 @@ def measure(path: str, *, threads: int, repeats: int, new_tokens: int) -> dict:
             model(ids)
             if i:
                 prefill.append(time.perf_counter() - t)
+    loaded_mb = memory_mb("VmRSS") - before  # after forwards: every weight has been read (mapped files included)
     engine = HFEngine(model, tokenizer)
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Tell me about the history of the city you like best."}],
@@ -82,12 +107,14 @@ def measure(path: str, *, threads: int, repeats: int, new_tokens: int) -> dict:
             if i:
                 rates.append(int(out.lengths.sum()) / (time.perf_counter() - t))
         decode[batch] = statistics.median(rates)
+    peak_mb = memory_mb("VmHWM")
     ppl = perplexity(model, tokenizer, "text:general", max_length=256)
     return {
         "size_mb": weights_on_disk(path) / 2**20,
         "params": parameter_count(model),
         "load_s": load_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "loaded_mb": loaded_mb,
+        "peak_rss_mb": peak_mb,
         "prefill_ms": 1000 * statistics.median(prefill),
         "decode_tok_s_1": decode[1],
         "decode_tok_s_8": decode[8],
@@ -103,9 +130,20 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out", help="append the markdown section to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(args.worker, threads=args.threads, repeats=args.repeats, new_tokens=args.new_tokens)))
+        print(
+            json.dumps(
+                measure(
+                    args.worker,
+                    dtype=args.dtype,
+                    threads=args.threads,
+                    repeats=args.repeats,
+                    new_tokens=args.new_tokens,
+                )
+            )
+        )
         return
 
     from benchmarks.machine import machine_info, package_version
@@ -113,8 +151,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dirs = prepare(args.model, Path(tmp))
         rows = {}
-        for name in VARIANTS:
-            argv = [sys.executable, __file__, "--worker", dirs[name], "--threads", str(args.threads)]
+        for name, (_, dtype) in VARIANTS.items():
+            argv = [sys.executable, __file__, "--worker", dirs[name], "--dtype", dtype, "--threads", str(args.threads)]
             argv += ["--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens)]
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             done = subprocess.run(argv, capture_output=True, text=True, env=env)
@@ -132,14 +170,15 @@ def main() -> None:
         f"Command: `OMP_NUM_THREADS={args.threads} python benchmarks/bench_quantize.py --threads {args.threads}"
         f" --repeats {args.repeats} --new-tokens {args.new_tokens}`; each variant in a fresh process, one at a time.",
         "",
-        "| variant | size on disk MB | params | load s | peak RSS MB | prefill 1x128 ms | decode tok/s (1) |"
+        "| variant | size on disk MB | params | load s | model RSS MB | peak RSS MB | prefill 1x128 ms |"
+        " decode tok/s (1) |"
         " decode tok/s (8) | ppl text:general |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows.items():
         lines.append(
             f"| {name} | {r['size_mb']:.1f} ({r['size_mb'] / base['size_mb']:.2f}x) | {r['params'] / 1e6:.1f} M |"
-            f" {r['load_s']:.1f} | {r['peak_rss_mb']:.0f}"
+            f" {r['load_s']:.1f} | {r['loaded_mb']:.0f} | {r['peak_rss_mb']:.0f}"
             f" | {r['prefill_ms']:.0f} ({r['prefill_ms'] / base['prefill_ms']:.2f}x)"
             f" | {r['decode_tok_s_1']:.1f} ({r['decode_tok_s_1'] / base['decode_tok_s_1']:.2f}x)"
             f" | {r['decode_tok_s_8']:.1f} ({r['decode_tok_s_8'] / base['decode_tok_s_8']:.2f}x)"

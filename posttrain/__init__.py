@@ -25,6 +25,9 @@ __version__ = "0.1.0"
 # notice about its enums) say nothing to a posttrain user.
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+# bitsandbytes (the qlora and quantize extras) looks for a faster CPU 4-bit kernel on the Hugging Face hub (the
+# ``kernels`` package) at import and warns when it cannot; its own kernel is used then, which is what we measure.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _EXPORTS = {
     "ConfigError": "posttrain.errors",

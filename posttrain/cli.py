@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--max-new-tokens", type=int, default=96)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="weights and activations (a quantized model: of what is not quantized)",
+    )
     inspect = sub.add_parser(
         "inspect", help="show training rows as the model sees them: rendered, tokenised, trained tokens marked"
     )
@@ -231,7 +237,7 @@ def _generate(args: argparse.Namespace) -> None:
             raise ConfigError(f"generate {flag}: must be at least 1, got {value}")
     if not args.temperature > 0 or args.temperature == float("inf"):
         raise ConfigError(f"generate --temperature: must be a positive number, got {args.temperature}")
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
     torch.manual_seed(args.seed)
     rows = [{"prompt": p if args.raw else [{"role": "user", "content": p}]} for p in args.prompt]
     if args.strategy not in ("greedy", "sample"):

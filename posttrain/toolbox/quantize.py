@@ -15,8 +15,8 @@ the embeddings in full precision, as both libraries' integrations do); norms and
   absmax values too, saving about 0.4 bits per weight).
 
 Why two libraries, measured with torch 2.13.0+cpu, transformers 5.23.0, torchao 0.18.0, bitsandbytes 0.50.2 on a
-CPU: torchao's int8 weight-only tensors save to safetensors and reload (with a rounding error about a third of
-bitsandbytes' int8, which is LLM.int8(): it also quantizes the activations, through float16); torchao's int4
+CPU: torchao's int8 weight-only tensors save to safetensors and reload (bitsandbytes' int8 is LLM.int8(): it
+also quantizes the activations, through float16, and moved the tiny model's logits 2.6x as far); torchao's int4
 either does not run on a CPU (``Int4WeightOnlyConfig``'s layouts need CUDA or the mslk kernels) or stores each
 4-bit code in a byte (``IntxWeightOnlyConfig(weight_dtype=torch.int4)``: larger on disk than int8), while
 bitsandbytes packs NF4 two codes per byte, saves, reloads and runs on a CPU (it is already the ``qlora`` extra).
