@@ -72,8 +72,7 @@ def measure(path: str, *, dtype: str, threads: int, repeats: int, new_tokens: in
     import torch
 
     from posttrain.eval.harness import perplexity
-    from posttrain.models.loading import load_model
-    from posttrain.pipeline import parameter_count, weights_on_disk
+    from posttrain.models.loading import load_model, parameter_count, weights_on_disk
     from posttrain.rollout.engine import HFEngine, SamplingParams
 
     torch.set_num_threads(threads)

@@ -151,7 +151,7 @@ def run_suite(model_spec: str, recipe: dict[str, Any], *, progress: bool = True)
     (strict and fair); perplexity on ``suite_perplexity_source``."""
     from posttrain.distributed import resolve_device
     from posttrain.eval.harness import evaluate_model, perplexity
-    from posttrain.models.loading import load_model
+    from posttrain.models.loading import load_model, parameter_count, weights_on_disk
 
     model, tokenizer = load_model(model_spec)
     model.to(resolve_device("auto"))
@@ -180,28 +180,6 @@ def run_suite(model_spec: str, recipe: dict[str, Any], *, progress: bool = True)
         out["perplexity"] = perplexity(model, tokenizer, source)
         out["perplexity_data"] = source
     return out
-
-
-def parameter_count(model: Any) -> int:
-    """Parameters of ``model`` as a full-precision model has them: a 4-bit layer stores two weights per element."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if hasattr(base, "num_parameters"):
-        return int(base.num_parameters())
-    return sum(p.numel() for p in model.parameters())
-
-
-def weights_on_disk(model_spec: str) -> int:
-    """Bytes of weight files (safetensors, bin) of a model directory; an adapter counts its base too."""
-    from posttrain.models.loading import is_adapter, resolve
-
-    path = Path(resolve(model_spec))
-    if not path.is_dir():
-        return 0
-    total = sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
-    if is_adapter(str(path)):
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path", "")
-        total += weights_on_disk(base) if base else 0
-    return total
 
 
 def search_configs(recipe: dict[str, Any]) -> list[EvalConfig]:

@@ -95,8 +95,7 @@ def test_quantized_models_load_for_eval_and_generate_and_count_full_parameters(t
     from posttrain.cli import main
     from posttrain.config import EvalConfig
     from posttrain.eval.harness import evaluate_model
-    from posttrain.models.loading import load_model
-    from posttrain.pipeline import parameter_count
+    from posttrain.models.loading import load_model, parameter_count
 
     quantize_model("builtin:tiny-base", tmp_path / "q8", method="int8")
     quantize_model("builtin:tiny-base", tmp_path / "q4", method="int4")

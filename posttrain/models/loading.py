@@ -146,7 +146,7 @@ def load_model(
             model.prompt_encoder.requires_grad_(True)
         tokenizer_dir = path if (Path(path) / "tokenizer_config.json").is_file() else resolve(base_spec)
         return model, load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
-    from posttrain.toolbox.quantize import require_loader
+    from posttrain.models.quant import require_loader
 
     require_loader(path)  # a quantized model (posttrain quantize) needs its library
     model = _from_pretrained(AutoModelForCausalLM, path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
@@ -178,3 +178,23 @@ def save_model_dir(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)  # our own temp dir, left only when saving failed
+
+
+def parameter_count(model: Any) -> int:
+    """Parameters of ``model`` as a full-precision model has them: a 4-bit layer stores two weights per element."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "num_parameters"):
+        return int(base.num_parameters())
+    return sum(p.numel() for p in model.parameters())
+
+
+def weights_on_disk(model_spec: str) -> int:
+    """Bytes of weight files (safetensors, bin) of a model directory; an adapter counts its base too."""
+    path = Path(resolve(model_spec))
+    if not path.is_dir():
+        return 0
+    total = sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
+    if is_adapter(str(path)):
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path", "")
+        total += weights_on_disk(base) if base else 0
+    return total

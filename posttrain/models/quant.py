@@ -48,7 +48,9 @@ layer and the same loss (5.402), but need ``scaler_block_size=64`` for SmolLM2's
 
 from __future__ import annotations
 
+import json
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from posttrain.errors import ModelError
@@ -56,6 +58,10 @@ from posttrain.errors import ModelError
 QLORA_INSTALL = "pip install 'posttrain[qlora]'"
 # Transformers' own minimums; tests/test_qlora.py passes with bitsandbytes 0.46.1, 0.47.0, 0.48.2, 0.49.2, 0.50.2.
 REQUIRED = {"bitsandbytes": "0.46.1", "accelerate": "1.1"}
+QUANTIZE_INSTALL = "pip install 'posttrain[quantize]'"
+# config.json's quantization_config.quant_method -> the packages that load it (``posttrain quantize`` writes
+# torchao int8 and bitsandbytes int4; tested with torchao 0.18.0, the first release for torch >= 2.11)
+LOADERS = {"torchao": {"torchao": "0.18"}, "bitsandbytes": REQUIRED}
 
 
 def load_4bit(spec: str, *, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False) -> Any:
@@ -98,15 +104,48 @@ def load_4bit(spec: str, *, dtype: str = "float32", device: str = "cpu", trust_r
 
 def _import_qlora_extra() -> Any:
     """bitsandbytes, once it and accelerate (which transformers needs to load any bitsandbytes model) are found."""
-    from packaging.version import Version
-
-    for package, minimum in REQUIRED.items():
-        try:
-            installed = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            raise ModelError(f"4-bit loading (QLoRA) needs {package}: {QLORA_INSTALL}") from None
-        if Version(installed) < Version(minimum):
-            raise ModelError(f"4-bit loading (QLoRA) needs {package} >= {minimum} (found {installed}): {QLORA_INSTALL}")
+    require_packages(REQUIRED, what="4-bit loading (QLoRA)", install=QLORA_INSTALL)
     import bitsandbytes
 
     return bitsandbytes
+
+
+def require_packages(packages: dict[str, str], *, what: str, install: str) -> None:
+    """Each of ``packages`` ({name: minimum version}) installed and recent enough, or a ``ModelError`` saying that
+    ``what`` needs it and how to ``install`` it."""
+    from packaging.version import Version
+
+    for package, minimum in packages.items():
+        try:
+            installed = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            raise ModelError(f"{what} needs {package}: {install}") from None
+        if Version(installed) < Version(minimum):
+            raise ModelError(f"{what} needs {package} >= {minimum} (found {installed}): {install}")
+
+
+def quantization_of(path: str | Path) -> dict[str, Any] | None:
+    """The ``quantization_config`` of a model directory's ``config.json`` (``posttrain quantize`` writes one), or
+    None (not quantized, not a local model directory).
+
+    >>> from posttrain.models.loading import resolve
+    >>> quantization_of(resolve("builtin:tiny-base")) is None
+    True
+    """
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("quantization_config")
+    except (OSError, ValueError):
+        return None  # the loader reports an unreadable config
+
+
+def require_loader(path: str | Path) -> None:
+    """Before loading a quantized model directory: the packages its quantization needs, or a ``ModelError``."""
+    config = quantization_of(path)
+    method = (config or {}).get("quant_method", "")
+    if method in LOADERS:
+        require_packages(
+            LOADERS[method], what=f"{path}: a model quantized with {method}; loading it", install=QUANTIZE_INSTALL
+        )

@@ -172,7 +172,7 @@ def load_full(spec: str) -> tuple[Any, Any]:
     """(model in float32 with any adapter folded in, tokenizer): what the tools work on. Prompt adapters have
     nothing to fold and are refused."""
     from posttrain.models.loading import adapter_type, load_model, resolve
-    from posttrain.toolbox.quantize import quantization_of
+    from posttrain.models.quant import quantization_of
 
     kind = adapter_type(resolve(spec))
     if quantization_of(resolve(spec)) is not None:

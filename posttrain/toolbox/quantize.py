@@ -43,14 +43,11 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.errors import ConfigError, ModelError
+from posttrain.models.quant import LOADERS, QUANTIZE_INSTALL, quantization_of, require_packages
 from posttrain.toolbox import INT4_TYPES, QUANT_METHODS
 
-QUANTIZE_INSTALL = "pip install 'posttrain[quantize]'"
-# Tested: torchao 0.18.0 (0.18 needs torch >= 2.11), bitsandbytes 0.46.1-0.50.2 (see models/quant.py).
-REQUIRED = {"int8": {"torchao": "0.18"}, "int4": {"bitsandbytes": "0.46.1", "accelerate": "1.1"}}
+REQUIRED = {"int8": LOADERS["torchao"], "int4": LOADERS["bitsandbytes"]}
 LIBRARY = {"int8": "torchao", "int4": "bitsandbytes"}
-# config.json's quantization_config.quant_method -> the packages that load it
-LOADERS = {"torchao": REQUIRED["int8"], "bitsandbytes": REQUIRED["int4"]}
 
 
 def quantize_model(
@@ -65,8 +62,7 @@ def quantize_model(
     """Quantize ``model_spec`` (model dir, adapter dir, ``builtin:NAME``) to ``method`` ("int8" or "int4") into
     ``out`` (see the module docstring). ``dtype`` is that of the weights left unquantized and of the activations.
     Returns the record also saved as ``out/quantize.json``."""
-    from posttrain.models.loading import DTYPES, adapter_type, load_tokenizer, resolve
-    from posttrain.pipeline import weights_on_disk
+    from posttrain.models.loading import DTYPES, adapter_type, load_tokenizer, resolve, weights_on_disk
     from posttrain.rundir import replace_dir
 
     check_quantize_args(method, int4_type=int4_type, double_quant=double_quant)
@@ -132,46 +128,7 @@ def check_quantize_args(method: str, *, int4_type: str = "nf4", double_quant: bo
 def require(method: str) -> None:
     """Check that the packages ``method`` needs are installed and recent enough; a ``ModelError`` says how to
     install them."""
-    _require_packages(REQUIRED[method], what=f"{method} quantization")
-
-
-def _require_packages(packages: dict[str, str], *, what: str) -> None:
-    from packaging.version import Version
-
-    for package, minimum in packages.items():
-        try:
-            installed = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            raise ModelError(f"{what} needs {package}: {QUANTIZE_INSTALL}") from None
-        if Version(installed) < Version(minimum):
-            raise ModelError(f"{what} needs {package} >= {minimum} (found {installed}): {QUANTIZE_INSTALL}")
-
-
-def quantization_of(path: str | Path) -> dict[str, Any] | None:
-    """The ``quantization_config`` of a model directory's ``config.json``, or None (not quantized, not a local
-    model directory).
-
-    >>> from posttrain.models.loading import resolve
-    >>> quantization_of(resolve("builtin:tiny-base")) is None
-    True
-    """
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        return json.loads(config.read_text()).get("quantization_config")
-    except (OSError, ValueError):
-        return None  # the loader reports an unreadable config
-
-
-def require_loader(path: str | Path) -> None:
-    """Before loading a quantized model directory: the packages its quantization needs, or a ``ModelError``."""
-    config = quantization_of(path)
-    if config is None:
-        return
-    method = config.get("quant_method", "")
-    if method in LOADERS:
-        _require_packages(LOADERS[method], what=f"{path}: a model quantized with {method}; loading it")
+    require_packages(REQUIRED[method], what=f"{method} quantization", install=QUANTIZE_INSTALL)
 
 
 def quantized_layers(model: Any) -> list[str]:

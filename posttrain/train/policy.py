@@ -110,7 +110,7 @@ def _continue_virtual(cfg: Any, method: str | None, device: torch.device) -> tup
 
 def _refuse_quantized(spec: str) -> None:
     """Training updates full-precision weights: a quantized model (``posttrain quantize``) is refused by name."""
-    from posttrain.toolbox.quantize import quantization_of
+    from posttrain.models.quant import quantization_of
 
     config = quantization_of(resolve(spec))
     if config is not None:
