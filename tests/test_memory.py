@@ -169,7 +169,8 @@ class RowRecorder(torch.nn.Module):
         return self.head(x)
 
 
-def test_never_materialises_full_logits(tiny_model):
+def test_never_materialises_full_logits(tiny_model, monkeypatch):
+    monkeypatch.setattr("posttrain.losses.chunked.SMALL_LOGITS_BYTES", 0)  # the tiny model's logits count as large
     batch = pack(_examples() * 3)  # 198 tokens
     seq, vocab = batch.input_ids.shape[1], tiny_model.config.vocab_size
     tiny_model.lm_head = recorder = RowRecorder(tiny_model.lm_head)
@@ -191,6 +192,60 @@ def test_never_materialises_full_logits(tiny_model):
     recorder.rows.clear()
     packed_token_losses(tiny_model, batch)[0].sum().backward()
     assert max(recorder.rows) <= CHUNK_TOKENS
+
+
+def test_small_logits_are_kept_not_recomputed_with_the_same_values_and_gradients(monkeypatch):
+    """Below SMALL_LOGITS_BYTES the backward reuses each chunk's logits (one head call per chunk, not two); the
+    values and gradients are those of the checkpointed path."""
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(70, 8, generator=g), torch.randn(50, 8, generator=g)
+    targets = torch.randint(0, 50, (70,), generator=g)
+    results, calls = {}, {}
+    for threshold in (0, 1 << 30):
+        monkeypatch.setattr("posttrain.losses.chunked.SMALL_LOGITS_BYTES", threshold)
+        head = RowRecorder(torch.nn.Linear(8, 50, bias=False))
+        head.head.weight.data.copy_(weight)
+        head.weight = head.head.weight  # what the threshold reads the vocabulary size from
+        h = hidden.clone().requires_grad_(True)
+        logps, stats = chunked_token_logps(h, head, targets, chunk_size=32, with_entropy=True)
+        logps.sum().backward()
+        results[threshold] = (logps.detach(), stats["entropy"], h.grad, head.head.weight.grad)
+        calls[threshold] = sorted(head.rows)
+    assert calls == {0: [6, 6, 32, 32, 32, 32], 1 << 30: [6, 32, 32]}
+    for kept, recomputed in zip(results[1 << 30], results[0]):
+        assert_close(kept, recomputed, rtol=0, atol=0)
+
+
+def test_grouped_branches_of_unequal_length_attend_as_if_each_followed_its_prefix_alone():
+    """prefix_attention runs a group's branches as one padded batch: each branch's output and gradients equal
+    attention over [prefix, that branch] alone (causal), for branches of different lengths, GQA included."""
+    import torch.nn.functional as F
+
+    from posttrain.models.varlen import prefix_attention
+
+    g = torch.Generator().manual_seed(0)
+    prefix, branches = 4, (3, 6, 1)
+    total = prefix + sum(branches)
+    q = torch.randn(1, 4, total, 8, generator=g, requires_grad=True)
+    k = torch.randn(1, 2, total, 8, generator=g, requires_grad=True)
+    v = torch.randn(1, 2, total, 8, generator=g, requires_grad=True)
+    out = prefix_attention(q, k, v, ((prefix, branches),), gqa=True)
+    weights = torch.randn(out.shape, generator=g)
+    (out * weights).sum().backward()
+    got = (out.detach(), q.grad, k.grad, v.grad)
+    q.grad = k.grad = v.grad = None
+
+    def alone(idx: torch.Tensor) -> torch.Tensor:  # plain causal attention over the positions idx, on their own
+        return F.scaled_dot_product_attention(q[:, :, idx], k[:, :, idx], v[:, :, idx], is_causal=True, enable_gqa=True)
+
+    pieces, start = [alone(torch.arange(prefix))], prefix
+    for n in branches:
+        pieces.append(alone(torch.cat([torch.arange(prefix), torch.arange(start, start + n)]))[:, :, prefix:])
+        start += n
+    ref = torch.cat(pieces, dim=2)
+    (ref * weights).sum().backward()
+    for a, b in zip(got, (ref.detach(), q.grad, k.grad, v.grad)):
+        assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def _tiny_config(kind: str):

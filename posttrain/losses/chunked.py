@@ -7,7 +7,8 @@ packed batch of 8 x 256 tokens is 2048 x 49152 fp32 = 403 MB, and the log-softma
 again. Here each chunk of C tokens goes through the head, the log-softmax and the pick of the target, under
 ``torch.utils.checkpoint``: the forward keeps only the chunk's input and its (C,) results, and the backward
 recomputes that one chunk's logits, so the peak holds one chunk's logits, never all of them. The price is one
-more head matmul per training chunk (recomputed in the backward); forwards without gradient pay nothing.
+more head matmul per training chunk (recomputed in the backward); forwards without gradient pay nothing, and
+calls whose logits are small in all (``SMALL_LOGITS_BYTES``) keep them instead.
 
     >>> import torch
     >>> hidden, weight = torch.randn(5, 4), torch.randn(7, 4)
@@ -31,6 +32,11 @@ from torch.utils.checkpoint import checkpoint
 # logits 7,743 MiB / 17.6 s; chunks of 128, 256, 512, 1024, 2048 tokens 6,809, 6,610, 6,730, 7,321, 8,027 MiB /
 # 16.5, 16.4, 16.5, 18.7, 19.9 s. One chunk of 256 tokens is 256 x 49152 fp32 = 48 MiB of logits.
 CHUNK_TOKENS = 256
+# Below this many bytes of fp32 logits for the whole call (e.g. 512 tokens x 49,152 = 96 MiB: a GRPO step's
+# 8 completions of 64 tokens), a training forward keeps each chunk's logits for the backward instead of
+# recomputing them. Measured on SmolLM2-135M, bf16, 2 CPU threads: the recomputation (head matmul, upcast,
+# log-sum-exp) cost ~0.13 s per 256-token chunk.
+SMALL_LOGITS_BYTES = 128 * 2**20
 
 Head = Callable[[Tensor], Tensor] | Tensor | None
 
@@ -62,21 +68,31 @@ def chunked_token_logps(
     flat_targets = targets.reshape(-1)
     project = _projection(head)
 
-    def chunk(h: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    done: set[int] = set()
+
+    def chunk(h: Tensor, t: Tensor, index: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
         logits = _logits(project(h), scale, softcap, temperature)
         lse = torch.logsumexp(logits, dim=-1)
         logps = torch.gather(logits, -1, t[:, None]).squeeze(-1) - lse
+        if index in done:  # the backward's recomputation: only what the gradient needs (the stats are kept)
+            return logps, None, None
+        done.add(index)
         with torch.no_grad():
             top = logits.argmax(-1)
             entropy = None
             if with_entropy:
                 logp_all = logits - lse[:, None]
-                entropy = -(logp_all.exp() * logp_all).sum(-1)
+                entropy = -logp_all.exp().mul_(logp_all).sum(-1)  # one (C, V) temporary fewer
         return logps, top, entropy
 
-    # Only a forward that builds a graph needs the checkpoint; without gradient the chunk's logits die with it.
-    run = (lambda h, t: checkpoint(chunk, h, t, use_reentrant=False)) if torch.is_grad_enabled() else chunk
-    parts = [run(h, t) for h, t in zip(flat_hidden.split(chunk_size), flat_targets.split(chunk_size))]
+    # Only a forward that builds a graph needs the checkpoint (without gradient the chunk's logits die with it), and
+    # only when all the logits would be large: below SMALL_LOGITS_BYTES the backward keeps them and skips a second
+    # head matmul and log-softmax per chunk.
+    small = flat_targets.numel() * _vocab_size(head, hidden) * 4 <= SMALL_LOGITS_BYTES
+    checkpointed = torch.is_grad_enabled() and not small
+    run = (lambda *a: checkpoint(chunk, *a, use_reentrant=False)) if checkpointed else chunk
+    pieces = zip(flat_hidden.split(chunk_size), flat_targets.split(chunk_size))
+    parts = [run(h, t, i) for i, (h, t) in enumerate(pieces)]
     logps = torch.cat([p[0] for p in parts]).view(lead)
     stats = {"argmax": torch.cat([p[1] for p in parts]).view(lead)}
     if with_entropy:
@@ -147,6 +163,14 @@ def _logits(logits: Tensor, scale: float, softcap: float, temperature: float) ->
     if temperature != 1.0:
         logits = logits / temperature
     return logits
+
+
+def _vocab_size(head: Head, hidden: Tensor) -> int:
+    """The number of logits per token ``head`` makes (``hidden``'s last size when it already holds logits)."""
+    if head is None:
+        return hidden.shape[-1]
+    weight = head if isinstance(head, Tensor) else getattr(head, "weight", None)
+    return weight.shape[0] if isinstance(weight, Tensor) else getattr(head, "out_features", 1 << 20)
 
 
 def _projection(head: Head) -> Callable[[Tensor], Tensor]:
