@@ -204,8 +204,7 @@ class TargetLogSoftmax(torch.autograd.Function):
         if with_entropy:  # H = log Z - sum softmax * shifted, Z = sum exp(shifted)
             exps = shifted.exp()
             total = exps.sum(-1)
-            dot = torch.bmm(exps.unsqueeze(1), shifted.unsqueeze(2)).view(-1)  # row-wise sum of products
-            entropy = total.log() - dot / total
+            entropy = total.log() - shifted.mul_(exps).sum(-1) / total  # shifted is not needed after this
         else:
             exps = shifted.exp_()
             total = exps.sum(-1)
@@ -220,13 +219,18 @@ class TargetLogSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor, *_: Any) -> Any:
         exps, total, targets = ctx.saved_tensors
-        # d logps / d x = onehot(target) - softmax (a new tensor: the graph may be run backward again)
-        grad_x = exps * (-grad / total)[:, None]
-        grad_x.scatter_add_(-1, targets[:, None], grad[:, None].to(grad_x.dtype))
-        factor = ctx.scale / ctx.temperature
-        if factor != 1.0:
-            grad_x.mul_(factor)
-        return grad_x.to(ctx.dtype), None, None, None, None
+        # d logps / d x = onehot(target) - softmax, times d x / d logits = scale / temperature, written straight
+        # into a new tensor of the logits' dtype (the graph may be run backward again: the saved one stays)
+        coef = grad.to(exps.dtype) * (ctx.scale / ctx.temperature)
+        out = torch.empty(exps.shape, dtype=ctx.dtype, device=exps.device)
+        torch.mul(exps, (-coef / total)[:, None], out=out)
+        index = targets[:, None]
+        if out.dtype == exps.dtype:
+            out.scatter_add_(-1, index, coef[:, None])
+        else:  # the target's entry in full precision, rounded once
+            at_target = (exps.gather(-1, index).squeeze(-1) / total).neg_().add_(1).mul_(coef)
+            out.scatter_(-1, index, at_target[:, None].to(ctx.dtype))
+        return out, None, None, None, None
 
 
 def _vocab_size(head: Head, hidden: Tensor) -> int:
