@@ -269,6 +269,36 @@ def test_grouped_branches_of_unequal_length_attend_as_if_each_followed_its_prefi
         assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("lengths", [(5, 3, 6), (1, 9), (2, 2, 2, 2), (12, 1, 1)])  # the last is not padded
+def test_packed_sequences_attend_each_to_itself_batched_or_not(lengths):
+    """varlen attention over packed sequences (one padded batch when that is cheap, else one call each): outputs
+    and gradients equal plain causal attention over each sequence on its own, GQA included."""
+    import torch.nn.functional as F
+
+    from posttrain.models.varlen import _pad_into_batch, varlen_attention
+
+    assert _pad_into_batch(list(lengths)) == (lengths != (12, 1, 1))
+    g = torch.Generator().manual_seed(0)
+    total = sum(lengths)
+    q = torch.randn(1, 4, total, 8, generator=g, requires_grad=True)
+    k = torch.randn(1, 2, total, 8, generator=g, requires_grad=True)
+    v = torch.randn(1, 2, total, 8, generator=g, requires_grad=True)
+    bounds = tuple(sum(lengths[:i]) for i in range(len(lengths) + 1))
+    out, _ = varlen_attention(torch.nn.Module(), q, k, v, None, posttrain_bounds=bounds)  # (1, S, H, D)
+    weights = torch.randn(out.shape, generator=g)
+    (out * weights).sum().backward()
+    got = (out.detach(), q.grad, k.grad, v.grad)
+    q.grad = k.grad = v.grad = None
+    pieces = [
+        F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, enable_gqa=True)
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
+    ref = torch.cat(pieces, dim=2).transpose(1, 2)
+    (ref * weights).sum().backward()
+    for a, b in zip(got, (ref.detach(), q.grad, k.grad, v.grad)):
+        assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def _tiny_config(kind: str):
     from transformers import AutoConfig
 
