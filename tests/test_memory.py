@@ -84,25 +84,6 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, (hidden, weight))
 
 
-@pytest.mark.parametrize("checkpointed", [False, True])
-def test_fused_path_gradcheck_and_entropy_with_scale_and_temperature(monkeypatch, checkpointed):
-    """Without a soft-cap the fused TargetLogSoftmax runs: exact gradients (float64 gradcheck) through the scale
-    and temperature, kept or recomputed (checkpointed) logits, and the entropy and argmax of the scaled logits."""
-    monkeypatch.setattr("posttrain.losses.chunked.SMALL_LOGITS_BYTES", 0 if checkpointed else 1 << 30)
-    g = torch.Generator().manual_seed(3)
-    hidden = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    targets = torch.tensor([0, 4, 1, 2, 3, 3, 0])
-    options = dict(chunk_size=3, scale=0.5, temperature=0.7)
-    fn = lambda h, w: chunked_token_logps(h, w, targets, **options)[0]  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (hidden, weight))
-    logps, stats = chunked_token_logps(hidden, weight, targets, with_entropy=True, **options)
-    ref = torch.log_softmax(hidden @ weight.T * 0.5 / 0.7, -1)
-    assert_close(logps, ref[torch.arange(7), targets])
-    assert_close(stats["entropy"], -(ref.exp() * ref).sum(-1))
-    assert torch.equal(stats["argmax"], ref.argmax(-1))
-
-
 def test_empty_input():
     logps, stats = chunked_token_logps(torch.zeros(0, 3), torch.ones(4, 3), torch.zeros(0, dtype=torch.long))
     assert logps.shape == stats["argmax"].shape == (0,)
@@ -124,10 +105,8 @@ def test_tiny_model_chunked_equals_full_logits_through_the_model(tiny_model):
     assert torch.equal(correct, ref_correct)
     losses.sum().backward()
     assert_close(losses, ref_losses, rtol=0, atol=1e-5)
-    # The fused log-softmax (TargetLogSoftmax) rounds differently from autograd's: measured against a float64
-    # reference both are within 7e-6 here (gradients up to 8), so 1e-5, not 1e-6, absolute.
     for name, p in tiny_model.named_parameters():
-        assert_close(p.grad, ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+        assert_close(p.grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_bf16_autocast_close_to_unchunked(tiny_model):
@@ -269,15 +248,14 @@ def test_grouped_branches_of_unequal_length_attend_as_if_each_followed_its_prefi
         assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("lengths", [(5, 3, 6), (1, 9), (2, 2, 2, 2), (12, 1, 1)])  # the last is not padded
-def test_packed_sequences_attend_each_to_itself_batched_or_not(lengths):
-    """varlen attention over packed sequences (one padded batch when that is cheap, else one call each): outputs
-    and gradients equal plain causal attention over each sequence on its own, GQA included."""
+@pytest.mark.parametrize("lengths", [(5, 3, 6), (1, 9), (2, 2, 2, 2), (12, 1, 1)])
+def test_packed_sequences_attend_each_to_itself(lengths):
+    """varlen attention over packed sequences: outputs and gradients equal plain causal attention over each
+    sequence on its own, GQA included."""
     import torch.nn.functional as F
 
-    from posttrain.models.varlen import _pad_into_batch, varlen_attention
+    from posttrain.models.varlen import varlen_attention
 
-    assert _pad_into_batch(list(lengths)) == (lengths != (12, 1, 1))
     g = torch.Generator().manual_seed(0)
     total = sum(lengths)
     q = torch.randn(1, 4, total, 8, generator=g, requires_grad=True)

@@ -21,7 +21,6 @@ calls whose logits are small in all (``SMALL_LOGITS_BYTES``) keep them instead.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,11 +71,6 @@ def chunked_token_logps(
     done: set[int] = set()
 
     def chunk(h: Tensor, t: Tensor, index: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        if not softcap:
-            first = index not in done
-            done.add(index)
-            logps, top, entropy = TargetLogSoftmax.apply(project(h), t, scale, temperature, with_entropy and first)
-            return logps, top, entropy
         logits = _logits(project(h), scale, softcap, temperature)
         lse = torch.logsumexp(logits, dim=-1)
         logps = torch.gather(logits, -1, t[:, None]).squeeze(-1) - lse
@@ -169,68 +163,6 @@ def _logits(logits: Tensor, scale: float, softcap: float, temperature: float) ->
     if temperature != 1.0:
         logits = logits / temperature
     return logits
-
-
-class TargetLogSoftmax(torch.autograd.Function):
-    """log softmax(logits x scale / temperature)[target] per row, in fp32 (fp64 kept), with the row's top token and
-    (``with_entropy``) the distribution's entropy, in as few passes over the (C, V) logits as possible: one upcast
-    copy that every later step overwrites in place (max and argmax in one pass, shift, exp, sum), and the
-    unnormalised exponentials kept for the backward, where d logp[t] / d logits = onehot(t) - softmax is one
-    product and a scatter. ``torch.logsumexp`` plus autograd's gather and log-sum-exp backward make about twice as many
-    passes and (C, V) temporaries; on a CPU each fresh temporary is also page faults. The result is the same
-    formula (max-shifted log-sum-exp); tests/test_memory.py checks values and gradients against plain autograd.
-
-        >>> logits, t = torch.randn(3, 5), torch.tensor([0, 4, 2])
-        >>> logps, top, entropy = TargetLogSoftmax.apply(logits, t, 1.0, 1.0, True)
-        >>> ref = torch.log_softmax(logits, -1)
-        >>> torch.allclose(logps, ref[torch.arange(3), t]), torch.equal(top, logits.argmax(-1))
-        (True, True)
-        >>> torch.allclose(entropy, -(ref.exp() * ref).sum(-1))
-        True
-    """
-
-    @staticmethod
-    def forward(ctx: Any, logits: Tensor, targets: Tensor, scale: float, temperature: float, with_entropy: bool) -> Any:
-        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        x = logits.to(dtype, copy=True)  # ours to overwrite
-        if scale != 1.0:
-            x.mul_(scale)
-        if temperature != 1.0:
-            x.div_(temperature)
-        peak, top = x.max(dim=-1)
-        picked = x.gather(-1, targets[:, None]).squeeze(-1)
-        shifted = x.sub_(peak[:, None])
-        entropy = None
-        if with_entropy:  # H = log Z - sum softmax * shifted, Z = sum exp(shifted)
-            exps = shifted.exp()
-            total = exps.sum(-1)
-            entropy = total.log() - shifted.mul_(exps).sum(-1) / total  # shifted is not needed after this
-        else:
-            exps = shifted.exp_()
-            total = exps.sum(-1)
-        logps = picked - peak - total.log()
-        ctx.save_for_backward(exps, total, targets)
-        ctx.scale, ctx.temperature, ctx.dtype = scale, temperature, logits.dtype
-        ctx.mark_non_differentiable(top)
-        if entropy is not None:
-            ctx.mark_non_differentiable(entropy)
-        return logps, top, entropy
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor, *_: Any) -> Any:
-        exps, total, targets = ctx.saved_tensors
-        # d logps / d x = onehot(target) - softmax, times d x / d logits = scale / temperature, written straight
-        # into a new tensor of the logits' dtype (the graph may be run backward again: the saved one stays)
-        coef = grad.to(exps.dtype) * (ctx.scale / ctx.temperature)
-        out = torch.empty(exps.shape, dtype=ctx.dtype, device=exps.device)
-        torch.mul(exps, (-coef / total)[:, None], out=out)
-        index = targets[:, None]
-        if out.dtype == exps.dtype:
-            out.scatter_add_(-1, index, coef[:, None])
-        else:  # the target's entry in full precision, rounded once
-            at_target = (exps.gather(-1, index).squeeze(-1) / total).neg_().add_(1).mul_(coef)
-            out.scatter_(-1, index, at_target[:, None].to(ctx.dtype))
-        return out, None, None, None, None
 
 
 def _vocab_size(head: Head, hidden: Tensor) -> int:

@@ -62,10 +62,6 @@ def varlen_attention(
             _after(q, virtual, k, v, scale=scaling, dropout_p=p, gqa=gqa)
             for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
         ]
-    elif _pad_into_batch(lengths):
-        qs, ks, vs = (_padded_batch(t.split(lengths, dim=2)) for t in (query, key, value))
-        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling, dropout_p=p, enable_gqa=gqa)
-        parts = [out[b : b + 1, :, :n] for b, n in enumerate(lengths)]
     else:
         parts = [
             F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=p, enable_gqa=gqa)
@@ -73,20 +69,6 @@ def varlen_attention(
         ]
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     return out.transpose(1, 2).contiguous(), None
-
-
-def _pad_into_batch(lengths: list[int]) -> bool:
-    """Whether several packed sequences should attend as one padded batch (one call, each padded at its end to the
-    longest: a causal row never sees the padding after it) rather than one call each: when the padding at most
-    doubles the attention's work (sum of squared lengths). On a CPU the fused attention's backward costs ~1.5 ms
-    per call at SmolLM2's shapes, more than the attention itself for rows of a few hundred tokens."""
-    return len(lengths) > 1 and len(lengths) * max(lengths) ** 2 <= 2 * sum(n * n for n in lengths)
-
-
-def _padded_batch(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """(1, H, n_i, D) parts -> (B, H, max n_i, D), each zero-padded at its end."""
-    longest = max(t.shape[2] for t in parts)
-    return torch.cat([F.pad(t, (0, 0, 0, longest - t.shape[2])) for t in parts])
 
 
 def prefix_attention(
@@ -121,29 +103,10 @@ def prefix_attention(
                     qs[i], kp, vp, is_causal=True, scale=scale, dropout_p=dropout_p, enable_gqa=gqa
                 )
             )
-        j = slice(i + 1, i + 1 + len(branches))
-        out += _branches(qs[j], (kp, vp), ks[j], vs[j], scale=scale, dropout_p=dropout_p, gqa=gqa)
+        for j in range(i + 1, i + 1 + len(branches)):
+            out.append(_after(qs[j], (kp, vp), ks[j], vs[j], scale=scale, dropout_p=dropout_p, gqa=gqa))
         i += 1 + len(branches)
     return out[0] if len(out) == 1 else torch.cat(out, dim=2)
-
-
-def _branches(
-    queries: tuple[torch.Tensor, ...],
-    before: tuple[torch.Tensor, torch.Tensor],
-    keys: tuple[torch.Tensor, ...],
-    values: tuple[torch.Tensor, ...],
-    **kw: Any,
-) -> list[torch.Tensor]:
-    """:func:`_after` for every branch of a group, in one attention call: the branches, padded at the end to the
-    longest, become the batch, and the prefix is shared by all (expanded, not copied). Padding is never seen by a
-    real row (its causal mask stops at the row's own position) and the padded rows are cut off again. One call
-    instead of one per branch: on a CPU the per-call cost of the fused attention's backward dominated."""
-    if len(queries) == 1:
-        return [_after(queries[0], before, keys[0], values[0], **kw)]
-    lengths = [q.shape[2] for q in queries]
-    prefix = tuple(t.expand(len(queries), -1, -1, -1) for t in before)
-    out = _after(_padded_batch(queries), prefix, _padded_batch(keys), _padded_batch(values), **kw)
-    return [out[b : b + 1, :, :length] for b, length in enumerate(lengths)]
 
 
 def _after(
