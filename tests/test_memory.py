@@ -277,6 +277,46 @@ def test_packed_sequences_attend_each_to_itself(lengths):
         assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("prefix", [0, 7])
+def test_a_sequences_attention_is_bitwise_the_same_whatever_its_neighbours(prefix):
+    """Sequences of one padding bucket attend in one batched call, each padded to a length set by its own length
+    alone: so a sequence's outputs and gradients are bitwise equal packed with others or alone, as packed rows or
+    as the branches of a shared prompt (the property that makes one batch equal accumulated micro-batches, and 1
+    process equal DDP/FSDP2). Padding to the batch's longest broke this: the kernel's blocking follows the padded
+    length."""
+    from posttrain.models.varlen import BUCKET, buckets, varlen_attention
+
+    lengths = (69, 30, 150, 91, 91, 32, 91, 33, 5)
+    assert len(buckets(list(lengths))) < len(lengths)  # some sequences do share a call
+    assert all(b % BUCKET == 0 and b - BUCKET < min(lengths[i] for i in m) for b, m in buckets(list(lengths)).items())
+    g = torch.Generator().manual_seed(1)
+    size = prefix + sum(lengths)
+    q, k, v = (torch.randn(1, h, size, 16, generator=g) for h in (4, 2, 2))
+    weights = torch.randn(1, size, 4, 16, generator=g)
+    starts = [prefix + sum(lengths[:i]) for i in range(len(lengths) + 1)]
+
+    def attend(parts):  # the prefix (if any), then the sequences ``parts``: each one's (out, dq, dk, dv)
+        spans = [(starts[i], starts[i + 1]) for i in parts]
+        index = torch.tensor([*range(prefix), *(j for s, e in spans for j in range(s, e))])
+        tensors = [t[:, :, index].clone().requires_grad_() for t in (q, k, v)]
+        ls = [lengths[i] for i in parts]
+        if prefix:
+            layout = {"posttrain_groups": ((prefix, tuple(ls)),)}
+        else:
+            layout = {"posttrain_bounds": tuple(sum(ls[:i]) for i in range(len(ls) + 1))}
+        out, _ = varlen_attention(torch.nn.Module(), *tensors, None, **layout)
+        (out * weights[:, index]).sum().backward()
+        full = [out.detach().transpose(1, 2), *(t.grad for t in tensors)]
+        at = [prefix + sum(ls[:i]) for i in range(len(ls) + 1)]
+        return [[t[:, :, at[i] : at[i + 1]] for t in full] for i in range(len(ls))]
+
+    together = attend(range(len(lengths)))
+    for i in range(len(lengths)):
+        (alone,) = attend([i])
+        for name, a, b in zip(("out", "dq", "dk", "dv"), alone, together[i]):
+            assert torch.equal(a, b), (lengths[i], name, (a - b).abs().max())
+
+
 def _tiny_config(kind: str):
     from transformers import AutoConfig
 

@@ -184,9 +184,13 @@ def test_dpo_one_batch_equals_accumulated_micro_batches(tmp_path, loss):
             values["data"] = str(data)
         run_dpo(build_config(DPOConfig, values, path="dpo"))
         outs.append(out)
-    loss_curves = [[json.loads(x)["loss"] for x in (o / "metrics.jsonl").read_text().splitlines()] for o in outs]
-    assert loss_curves[1] == pytest.approx(loss_curves[0], rel=1e-5)
-    _same_weights(outs[0], outs[1], atol=1e-5)
+    records = [[json.loads(x) for x in (o / "metrics.jsonl").read_text().splitlines()] for o in outs]
+    curves = [[(r["loss"], r["grad_norm"]) for r in rs] for rs in records]
+    assert curves[1] == [pytest.approx(c, rel=1e-5) for c in curves[0]]
+    # Adam divides each element's update by its own gradient scale: an element whose gradient is rounding-sized
+    # moves by up to ~lr (1e-3) on summation-order noise alone (measured 6.8e-6 and 1.1e-5 on one element), so
+    # the weights agree to lr/10; the loss and gradient norm above, to 1e-5 relative.
+    _same_weights(outs[0], outs[1], atol=1e-4)
 
 
 def test_rm_one_batch_equals_accumulated_micro_batches(tmp_path):
