@@ -84,6 +84,47 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, (hidden, weight))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale, temperature", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.7), (0.25, 1.3)])
+def test_fused_target_log_softmax_is_bitwise_autograds(dtype, scale, temperature):
+    """TargetLogSoftmax (used whenever there is no soft-cap) gives exactly autograd's values and gradients through
+    the same formula: log-probs, entropy, argmax and the logits' gradient are torch.equal, in fp32 and from a
+    bf16 head. Bitwise, not close: a rounding change here breaks batch invariance downstream (Adam moves a
+    rounding-sized gradient element by up to lr)."""
+    from posttrain.losses.chunked import TargetLogSoftmax, _logits
+
+    g = torch.Generator().manual_seed(5)
+    raw = (torch.randn(37, 1000, generator=g) * 4).to(dtype)
+    targets = torch.randint(0, 1000, (37,), generator=g)
+    weights = torch.randn(37, generator=g)
+    a = raw.clone().requires_grad_()
+    logps, top, entropy = TargetLogSoftmax.apply(a, targets, scale, temperature, True)
+    (logps * weights).sum().backward()
+    b = raw.clone().requires_grad_()
+    x = _logits(b, scale, 0.0, temperature)
+    lse = torch.logsumexp(x, dim=-1)
+    ref = torch.gather(x, -1, targets[:, None]).squeeze(-1) - lse
+    (ref * weights).sum().backward()
+    logp_all = x.detach() - lse.detach()[:, None]
+    assert torch.equal(logps, ref) and torch.equal(top, x.argmax(-1))
+    assert torch.equal(entropy, -logp_all.exp().mul_(logp_all).sum(-1))
+    assert a.grad.dtype == dtype and torch.equal(a.grad, b.grad), (a.grad - b.grad).abs().max()
+
+
+def test_fused_target_log_softmax_gradcheck_and_run_twice():
+    """float64 gradcheck through scale and temperature; a retained graph gives the same gradient twice."""
+    from posttrain.losses.chunked import TargetLogSoftmax
+
+    g = torch.Generator().manual_seed(6)
+    raw = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 5, 2, 2])
+    fn = lambda r: TargetLogSoftmax.apply(r, targets, 0.5, 0.7, False)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (raw,))
+    out = fn(raw).sum()
+    first = torch.autograd.grad(out, raw, retain_graph=True)[0]
+    assert torch.equal(torch.autograd.grad(out, raw)[0], first)
+
+
 def test_empty_input():
     logps, stats = chunked_token_logps(torch.zeros(0, 3), torch.ones(4, 3), torch.zeros(0, dtype=torch.long))
     assert logps.shape == stats["argmax"].shape == (0,)

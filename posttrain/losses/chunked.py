@@ -21,6 +21,7 @@ calls whose logits are small in all (``SMALL_LOGITS_BYTES``) keep them instead.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,11 @@ def chunked_token_logps(
     done: set[int] = set()
 
     def chunk(h: Tensor, t: Tensor, index: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        if not softcap:
+            first = index not in done
+            done.add(index)
+            logps, top, entropy = TargetLogSoftmax.apply(project(h), t, scale, temperature, with_entropy and first)
+            return logps, (top if first else None), entropy
         logits = _logits(project(h), scale, softcap, temperature)
         lse = torch.logsumexp(logits, dim=-1)
         logps = torch.gather(logits, -1, t[:, None]).squeeze(-1) - lse
@@ -163,6 +169,56 @@ def _logits(logits: Tensor, scale: float, softcap: float, temperature: float) ->
     if temperature != 1.0:
         logits = logits / temperature
     return logits
+
+
+class TargetLogSoftmax(torch.autograd.Function):
+    """log softmax(logits x scale / temperature)[target] per row, in fp32 (fp64 kept), with the row's top token and
+    (``with_entropy``) the distribution's entropy: bitwise what autograd computes through :func:`_logits`,
+    ``torch.logsumexp`` and ``torch.gather`` (same operations, same order, so every result and gradient is
+    identical), with fewer (C, V) temporaries. Autograd's backward makes a zero-filled tensor for the gather,
+    ``exp(x - lse)`` again, their product, their sum, and one per scale and temperature; here the forward keeps
+    ``exp(x - lse)`` and the backward overwrites it in place. On a CPU each fresh 48 MiB temporary also costs
+    ~15 ms of page faults before any arithmetic (measured). tests/test_memory.py checks bitwise equality.
+
+        >>> logits, t = torch.randn(3, 5), torch.tensor([0, 4, 2])
+        >>> logps, top, entropy = TargetLogSoftmax.apply(logits, t, 1.0, 1.0, True)
+        >>> ref = torch.log_softmax(logits, -1)
+        >>> torch.allclose(logps, ref[torch.arange(3), t]), torch.equal(top, logits.argmax(-1))
+        (True, True)
+        >>> torch.allclose(entropy, -(ref.exp() * ref).sum(-1))
+        True
+    """
+
+    @staticmethod
+    def forward(ctx: Any, raw: Tensor, targets: Tensor, scale: float, temperature: float, with_entropy: bool) -> Any:
+        x = _logits(raw, scale, 0.0, temperature)
+        lse = torch.logsumexp(x, dim=-1)
+        logps = torch.gather(x, -1, targets[:, None]).squeeze(-1) - lse
+        top = x.argmax(-1)
+        # x - lse, into x when x is our own copy (an upcast or a scaled one), else a new tensor
+        shifted = x.sub_(lse[:, None]) if x is not raw else x - lse[:, None]
+        exps = shifted.exp()
+        entropy = -shifted.mul_(exps).sum(-1) if with_entropy else None  # shifted is not needed after this
+        ctx.save_for_backward(exps, targets)
+        ctx.scale, ctx.temperature, ctx.dtype = scale, temperature, raw.dtype
+        ctx.mark_non_differentiable(top)
+        if entropy is not None:
+            ctx.mark_non_differentiable(entropy)
+        return logps, top, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, *_: Any) -> Any:
+        exps, targets = ctx.saved_tensors
+        # autograd's: logsumexp's (-grad) * exp(x - lse), plus gather's grad at the target, then the temperature's
+        # and the scale's products, then the cast back to the head's dtype. The graph may be run backward again
+        # (retain_graph): then the saved exponentials must stay, so the first product goes into a new tensor.
+        out = torch.mul(-grad[:, None], exps)
+        out.scatter_add_(-1, targets[:, None], grad[:, None])
+        if ctx.temperature != 1.0:
+            out.div_(ctx.temperature)
+        if ctx.scale != 1.0:
+            out.mul_(ctx.scale)
+        return out.to(ctx.dtype), None, None, None, None
 
 
 def _vocab_size(head: Head, hidden: Tensor) -> int:
