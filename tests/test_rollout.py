@@ -137,3 +137,92 @@ def test_shared_prompt_training_forward_equals_unshared_values_and_gradients(bas
         assert_close(g_shared[name], g, rtol=1e-3, atol=1e-4 * float(g.abs().max()))
     assert (lp_shared - out.logps[rows]).abs().max() < 1e-4
     model.zero_grad()
+
+
+def _llama(dtype=torch.float32, **extra):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sizes = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    sizes.update(num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**sizes, **extra})
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+@pytest.mark.parametrize(
+    "dtype, extra",
+    [(torch.float32, {}), (torch.bfloat16, {}), (torch.float32, {"attention_bias": True, "mlp_bias": True})],
+)
+def test_lean_decode_step_logits_are_bitwise_the_models(dtype, extra):
+    """LlamaDecodeStep == model(...) under the engine's decode attention, torch.equal: GQA, bf16, biases, left
+    padding in the mask, several steps (the cache it fills is the one the model reads, and vice versa)."""
+    from posttrain.models.varlen import decoding_attention
+    from posttrain.rollout.decode import lean_decoder
+    from posttrain.rollout.engine import make_cache
+
+    model = _llama(dtype, **extra)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
+    attn = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    caches = [make_cache(model, 12), make_cache(model, 12)]
+    with torch.no_grad(), decoding_attention(model):
+        for cache in caches:
+            model(ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0), past_key_values=cache)
+        step = lean_decoder(model, caches[0])
+        assert step is not None
+        positions, new = attn.sum(-1), torch.tensor([8, 9])
+        for _ in range(4):
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=-1)
+            lean = step(new, attn, positions)
+            ref = model(
+                input_ids=new[:, None], attention_mask=attn, position_ids=positions[:, None], past_key_values=caches[1]
+            ).logits[:, -1]
+            assert lean.dtype == ref.dtype and torch.equal(lean, ref), (lean - ref).abs().max()
+            new, positions = ref.argmax(-1), positions + 1
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_lean_engine_rollouts_are_bitwise_the_models(base, temperature, monkeypatch):
+    """Whole rollouts with and without the lean step: the same tokens, log-probs and masks, with prompts of
+    different lengths (padding), rows finishing early and leaving the batch, and a minimum length."""
+    from posttrain.rollout.decode import LlamaDecodeStep
+
+    model, tok = base
+    params = SamplingParams(n=3, temperature=temperature, max_new_tokens=40, min_new_tokens=2)
+    calls = []
+    monkeypatch.setattr(
+        LlamaDecodeStep, "__call__", lambda self, *a, _f=LlamaDecodeStep.__call__: calls.append(1) or _f(self, *a)
+    )
+    lean = HFEngine(model.eval(), tok).generate(prompts(tok, QUESTIONS), params, seed=5)
+    assert len(calls) == lean.forward_passes - 1  # every decode step went through it
+    plain = HFEngine(model, tok, lean=False).generate(prompts(tok, QUESTIONS), params, seed=5)
+    assert len(calls) == lean.forward_passes - 1 and plain.forward_passes == lean.forward_passes
+    assert "stop" in lean.finish_reasons and "length" in lean.finish_reasons  # rows left the batch early
+    assert lean.texts == plain.texts and lean.finish_reasons == plain.finish_reasons
+    assert torch.equal(lean.completion_ids, plain.completion_ids) and torch.equal(lean.mask, plain.mask)
+    assert torch.equal(lean.logps, plain.logps)
+
+
+def test_lean_decoder_declines_what_it_cannot_reproduce(tiny_model):
+    """None (the engine then calls the model) for: training mode, attention other than the decode one, a
+    forward hook, a LoRA adapter, a non-Llama model."""
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.models.varlen import decoding_attention
+    from posttrain.rollout.decode import lean_decoder
+    from posttrain.rollout.engine import make_cache
+
+    model = tiny_model.eval()
+    cache = make_cache(model, 8)
+    assert lean_decoder(model, cache) is None  # outside decoding_attention: SDPA, not the decode attention
+    with decoding_attention(model):
+        assert lean_decoder(model, cache) is not None
+        assert lean_decoder(model.train(), cache) is None
+        model.eval()
+        handle = model.model.layers[0].mlp.register_forward_hook(lambda *a: None)
+        assert lean_decoder(model, cache) is None
+        handle.remove()
+        assert lean_decoder(model, cache) is not None
+    lora = get_peft_model(_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    with decoding_attention(lora):
+        assert lean_decoder(lora, cache) is None and lean_decoder(lora.get_base_model(), cache) is None

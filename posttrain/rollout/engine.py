@@ -31,6 +31,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from posttrain.errors import ConfigError
 from posttrain.models.varlen import decoding_attention
 from posttrain.models.virtual import is_prompt_learning, prepare_cache, virtual_tokens
+from posttrain.rollout.decode import lean_decoder
 
 
 @dataclass(frozen=True)
@@ -215,8 +216,10 @@ class HFEngine:
     a separate copy, e.g. in bf16 or unsharded (``factory.make_engine`` makes it; then ``update_weights``
     copies the trained parameters in)."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, share_prefill: bool = True):
-        self.model, self.tokenizer, self.share_prefill = model, tokenizer, share_prefill
+    def __init__(self, model: Any, tokenizer: Any, *, share_prefill: bool = True, lean: bool = True):
+        """``lean``: decode Llama-architecture models with :class:`~posttrain.rollout.decode.LlamaDecodeStep`
+        (bitwise the same logits, less overhead); False always calls the model."""
+        self.model, self.tokenizer, self.share_prefill, self.lean = model, tokenizer, share_prefill, lean
 
     def update_weights(self, source: Any) -> None:
         """See ``RolloutEngine.update_weights``: a no-op when ``source`` is the model sampled from, else its
@@ -320,6 +323,9 @@ class HFEngine:
         finish = ["length"] * b
         active = torch.arange(b, device=device)  # rows still generating, in cache order
         positions = attn.sum(-1)
+        # The same computation as self._model(...) without transformers' per-call machinery, where it is exact.
+        own_cache = cache is not None and all(type(layer) is PreallocatedLayer for layer in cache.layers)
+        step = lean_decoder(self._model, cache) if own_cache and self.lean else None
         for t in range(params.max_new_tokens):
             banned = eos if t < params.min_new_tokens else None
             if per_prompt and (t == 0 or len(generator_rows) != len(active)):  # recomputed when rows finish
@@ -345,15 +351,18 @@ class HFEngine:
                 active, new, attn, positions = active[idx], new[idx], attn[idx], positions[idx]
                 cache.batch_select_indices(idx)
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=-1)
-            out = self._model(
-                input_ids=new[:, None],
-                attention_mask=attn,
-                position_ids=positions[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            )
+            if step is not None:
+                logits = step(new, attn, positions)
+            else:
+                out = self._model(
+                    input_ids=new[:, None],
+                    attention_mask=attn,
+                    position_ids=positions[:, None],
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                logits, cache = out.logits[:, -1], out.past_key_values
             positions = positions + 1
-            logits, cache = out.logits[:, -1], out.past_key_values
             passes += 1
         width = int(mask.sum(-1).max()) if mask.any() else 0
         tokens, logps, mask = tokens[:, :width], logps[:, :width], mask[:, :width]
