@@ -326,6 +326,31 @@ class RewardArgs:
 
 
 @dataclass(frozen=True)
+class MonitorArgs:
+    """The reward-hacking monitor of the RL trainers (``posttrain.safeguards.monitor``); 0 turns a rule off."""
+
+    on_hacking: Literal["warn", "stop"] = opt(
+        "warn",
+        "what a monitor alert does: warn (metrics.jsonl 'alerts' and the console) or stop the run (a checkpoint"
+        " and final/ are written); either way best/ keeps the model with the best held-out (gold) accuracy",
+    )
+    kl_budget: float = opt(0.0, "alert when the mean per-token KL to the reference exceeds this (needs kl_coef > 0)")
+    monitor_window: int = opt(5, "held-out evaluations the proxy-up/gold-down trend is fitted over")
+    gold_tolerance: float = opt(0.02, "gold (held-out accuracy) loss, from its best and along the trend, that alerts")
+    length_drift: float = opt(0.5, "alert when the mean completion length moves this much (relative) from its start")
+    min_distinct_2: float = opt(0.1, "alert when within-group distinct-2 of the samples falls below this")
+    max_overlap: float = opt(0.9, "alert when the samples' within-group bigram overlap (Jaccard) exceeds this")
+    min_entropy: float = opt(0.0, "alert when the mean token entropy (nats) falls below this")
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        if self.monitor_window < 2:
+            yield "monitor_window", f"must be at least 2 (a trend needs two points), got {self.monitor_window}"
+        for name in ("kl_budget", "gold_tolerance", "length_drift", "min_distinct_2", "max_overlap", "min_entropy"):
+            if getattr(self, name) < 0:
+                yield name, f"must be >= 0, got {getattr(self, name)}"
+
+
+@dataclass(frozen=True)
 class RolloutArgs:
     """How completions are sampled during RL."""
 
@@ -351,7 +376,9 @@ class RolloutArgs:
 
 
 @dataclass(frozen=True)
-class GRPOConfig(RuntimeArgs, LoopArgs, AccumArgs, OptimArgs, RolloutArgs, RewardArgs, LoraArgs, ModelArgs):
+class GRPOConfig(
+    RuntimeArgs, LoopArgs, AccumArgs, OptimArgs, RolloutArgs, MonitorArgs, RewardArgs, LoraArgs, ModelArgs
+):
     """RL with verifiable rewards: GRPO and its family (Dr. GRPO, DAPO, GSPO; RLOO and REINFORCE++ baselines)."""
 
     group_size: int = opt(8, "completions sampled per prompt (G)")
@@ -423,7 +450,7 @@ class RMConfig(RuntimeArgs, LoopArgs, BatchArgs, AccumArgs, OptimArgs, DataArgs,
 
 
 @dataclass(frozen=True)
-class PPOConfig(RuntimeArgs, LoopArgs, OptimArgs, RolloutArgs, RewardArgs, LoraArgs, ModelArgs):
+class PPOConfig(RuntimeArgs, LoopArgs, OptimArgs, RolloutArgs, MonitorArgs, RewardArgs, LoraArgs, ModelArgs):
     """PPO: value head, GAE, KL penalty in the reward (fixed or adaptive), optional KL trust region."""
 
     samples_per_prompt: int = opt(4, "completions sampled per prompt")

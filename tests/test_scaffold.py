@@ -13,6 +13,7 @@ import torch
 from posttrain.config import LoopArgs, OptimArgs, RuntimeArgs, build_config
 from posttrain.errors import ConfigError
 from posttrain.stages import STAGES
+from posttrain.train.scaffold import Stage
 
 
 def test_every_stage_is_built_from_the_shared_pieces_and_listed_once():
@@ -76,7 +77,7 @@ def test_recipes_accept_every_registered_stage_and_nothing_else(tmp_path):
         stage_config({"name": "rlhf"}, index=3, out=tmp_path, previous_model=None)
 
 
-class _Probe:
+class _Probe(Stage):
     """A stage that trains nothing real: it records what the scaffold set up around its step."""
 
     name = "probe"

@@ -30,6 +30,7 @@ from posttrain.train.rl import (
     RLStage,
     ordered,
     prompt_seeds,
+    sample_diversity,
     sampled_accuracy,
 )
 from posttrain.train.scaffold import Run, run_stage
@@ -61,10 +62,11 @@ class GRPOStage(RLStage):
         self.engines.refresh(run)  # a resumed run's weights
 
     def extra_state(self) -> dict[str, Any]:
-        return {"reward_failures": self.reward_failures}
+        return {"reward_failures": self.reward_failures, "monitor": self.monitor.state()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.reward_failures = state.get("reward_failures", 0)
+        self.monitor.load_state(state.get("monitor", {}))
 
     def step(self, run: Run, indices: list[int], step: int) -> dict[str, Any]:
         cfg, ctx, g = self.cfg, run.ctx, self.cfg.group_size
@@ -109,6 +111,7 @@ class GRPOStage(RLStage):
             accuracy_lenient=lenient,
             completion_length=length_sum / count,
             zero_std_fraction=float(1 - varied.float().mean()),
+            **sample_diversity(rollouts, g, ctx),
             reward_failures=self.reward_failures,
             **{k: round(v, 4) for k, v in times.items()},
         )
@@ -203,6 +206,7 @@ class GRPOStage(RLStage):
             "reward_failures": self.reward_failures,
             "final_reward_mean": run.last_logged("reward_mean"),
             "eval_accuracy_strict": run.last_logged("eval_accuracy_strict"),
+            **self.monitor_summary(),
         }
 
 

@@ -40,6 +40,7 @@ from posttrain.train.rl import (
     RLStage,
     ordered,
     prompt_seeds,
+    sample_diversity,
     sampled_accuracy,
 )
 from posttrain.train.scaffold import Run, run_stage
@@ -94,10 +95,11 @@ class PPOStage(RLStage):
         self.engines.refresh(run, prefix="policy.")
 
     def extra_state(self) -> dict[str, Any]:
-        return {"kl_controller": self.controller.state_dict()}
+        return {"kl_controller": self.controller.state_dict(), "monitor": self.monitor.state()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.controller.load_state_dict(state["kl_controller"])
+        self.monitor.load_state(state.get("monitor", {}))
 
     def step(self, run: Run, indices: list[int], step: int) -> dict[str, Any]:
         cfg, ctx = self.cfg, run.ctx
@@ -155,6 +157,7 @@ class PPOStage(RLStage):
             "trust_region_stop": stopped,
             "accuracy_strict": strict,
             "completion_length": length_sum / count,
+            **sample_diversity(rollouts, cfg.samples_per_prompt, ctx),
             "value_mean": value_sum / tokens,
             **{k: v / max(updates, 1) for k, v in totals.items()},
         }
@@ -225,6 +228,7 @@ class PPOStage(RLStage):
             "prompts": len(self.rows),
             "dropped_long_prompts": self.dropped,
             "final_score_mean": run.last_logged("score_mean"),
+            **self.monitor_summary(),
             "kl_coef": self.controller.value,
         }
 

@@ -21,6 +21,7 @@ from posttrain.models.virtual import continues_adapter
 from posttrain.rewards import check_reward_columns, parse_rewards
 from posttrain.rewards.verify import score_answer
 from posttrain.rollout.factory import make_engine
+from posttrain.safeguards.monitor import HackingMonitor, Thresholds, group_diversity
 from posttrain.train.policy import model_for_training
 from posttrain.train.scaffold import Stage
 
@@ -124,6 +125,17 @@ def sampled_accuracy(texts: list[str], rows: list[dict], ctx: Any) -> tuple[floa
     return (strict / count, lenient / count) if count else (None, None)
 
 
+def sample_diversity(rollouts: Any, group_size: int, ctx: Any) -> dict[str, float]:
+    """Within-group diversity of a step's samples over all ranks (token ids, generated tokens only): distinct-1,
+    distinct-2 and pairwise bigram overlap, each the mean over the groups (``safeguards.monitor``)."""
+    samples = [row[m].tolist() for row, m in zip(rollouts.completion_ids, rollouts.mask)]
+    local = group_diversity(samples, group_size)
+    groups = len(samples) // group_size
+    keys = ("distinct_1", "distinct_2", "overlap_2")
+    totals = ctx.sum(*(local.get(k, 0.0) * groups for k in keys), groups if local else 0)
+    return {k: total / totals[-1] for k, total in zip(keys, totals[:-1])} if totals[-1] else {}
+
+
 def ordered(ctx: Any, local: torch.Tensor) -> torch.Tensor:
     """Every rank's (n, ...) part of a batch that was split with ``ctx.shard``, back in the batch's order."""
     if not ctx.distributed:
@@ -152,7 +164,37 @@ class RLStage(Stage):
         self.eval_rows = heldout_rows(cfg, self.name)
         self.reference = make_reference(policy, cfg)
         self.engines = Engines(cfg, policy, tokenizer, ctx)
+        self.monitor = HackingMonitor(
+            Thresholds(
+                window=cfg.monitor_window,
+                gold_tolerance=cfg.gold_tolerance,
+                kl_budget=cfg.kl_budget,
+                length_drift=cfg.length_drift,
+                min_distinct_2=cfg.min_distinct_2,
+                max_overlap=cfg.max_overlap,
+                min_entropy=cfg.min_entropy,
+            )
+        )
         return policy, tokenizer
+
+    def watch(self, run: Any, step: int, record: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
+        """The reward-hacking monitor on this step's record: proxy = the mean reward being optimised, gold = the
+        held-out greedy strict accuracy (at evaluation steps; the optimiser never sees those rows), KL to the
+        reference, completion length, within-group diversity of the samples, token entropy."""
+        stats = {
+            "proxy": record.get("score_mean", record.get("reward_mean")),  # PPO's score: before its KL penalty
+            "gold": record.get("eval_accuracy_strict"),
+            "kl": record.get("kl"),
+            "length": record.get("completion_length"),
+            "distinct_2": record.get("distinct_2"),
+            "overlap_2": record.get("overlap_2"),
+            "entropy": record.get("entropy"),
+        }
+        alerts = self.monitor.observe(step, stats)
+        return alerts, stats["gold"] is not None and self.monitor.best_step == step
+
+    def monitor_summary(self) -> dict[str, Any]:
+        return {"best_step": self.monitor.best_step, "best_heldout_strict": self.monitor.best_gold}
 
     def rows_per_step(self) -> tuple[int, int]:
         return len(self.rows), self.cfg.batch_prompts

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import random
+import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -47,7 +48,7 @@ from posttrain.distributed import (
     reset_peak_memory,
 )
 from posttrain.errors import ConfigError, TrainingError
-from posttrain.rundir import RunDir, check_run_dir, claim, write_atomic
+from posttrain.rundir import RunDir, check_run_dir, claim, replace_dir, write_atomic
 from posttrain.train.checkpoint import latest_checkpoint, read_checkpoint, rng_state, write_checkpoint
 from posttrain.train.metrics import MetricsLog
 
@@ -97,6 +98,11 @@ class Stage:
         """What the stage trains on (examples, pairs, prompt rows), fingerprinted into every checkpoint so that a
         resume on different data is refused."""
         raise NotImplementedError
+
+    def watch(self, run: Run, step: int, record: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
+        """(alerts this step's record raises, whether it holds the best gold score so far: then the scaffold
+        writes ``best/``). The RL stages run the reward-hacking monitor here; others have nothing to watch."""
+        return [], False
 
     def extra_state(self) -> dict[str, Any]:
         return {}
@@ -404,6 +410,20 @@ def enable_gradient_checkpointing(module: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def _save_best(run: Run, stage: Stage, run_dir: Path) -> None:
+    """``best/`` beside ``final/``: the model at the step with the best gold score so far, written whole and then
+    moved into place (a crash never leaves half of one)."""
+    run._full = run.model.full_state(trainable_only=False) if run.model.sharded else None  # every rank
+    if run.ctx.is_main:
+        tmp = run_dir / ".best.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        stage.save_final(run, tmp)
+        replace_dir(tmp, run_dir / "best")
+    run._full = None
+    run.ctx.barrier()
+
+
 def _run(stage: Stage, cfg: Any, ctx: DistContext, run_dir: Path, stop_after: int | None) -> dict[str, Any]:
     started = time.perf_counter()
     reset_peak_memory(ctx.device)  # this stage's own peak, whatever ran before it in this process
@@ -439,7 +459,11 @@ def _run(stage: Stage, cfg: Any, ctx: DistContext, run_dir: Path, stop_after: in
     resumed_from = state["step"] if checkpoint is not None else None
     stage.prepare(run)
     if cfg.eval_every and state["step"] == 0:
-        log.write({"step": 0, **stage.evaluate(run)})
+        record = {"step": 0, **stage.evaluate(run)}
+        alerts, best = stage.watch(run, 0, record)
+        log.write(record)
+        if best:
+            _save_best(run, stage, run_dir)
 
     bar = tqdm(
         total=cfg.max_steps,
@@ -472,8 +496,21 @@ def _run(stage: Stage, cfg: Any, ctx: DistContext, run_dir: Path, stop_after: in
         evaluated_last = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps
         if evaluated_last:
             record.update(stage.evaluate(run))
-        if step % cfg.log_every == 0 or step == cfg.max_steps or not finite or evaluated_last:
+        alerts, best = stage.watch(run, step, record)
+        if alerts:
+            record["alerts"] = alerts
+            state["alerts"] = state.get("alerts", 0) + len(alerts)
+            if ctx.is_main:
+                for alert in alerts:
+                    bar.write(f"{stage.name} step {step}: ALERT {alert['alert']}: {alert['message']}")
+        if step % cfg.log_every == 0 or step == cfg.max_steps or not finite or evaluated_last or alerts:
             log.write(record)
+        if best:
+            _save_best(run, stage, run_dir)
+        if alerts and getattr(cfg, "on_hacking", "warn") == "stop":
+            state["stopped_by_monitor"] = step
+            save(run, scheduler, state, keep=cfg.keep_checkpoints)
+            break
         bar.update(1)
         if "loss" in record and record["loss"] is not None:
             bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -515,6 +552,9 @@ def _run(stage: Stage, cfg: Any, ctx: DistContext, run_dir: Path, stop_after: in
         "resumed_from": resumed_from,
         "final_train_loss": last_train.get("loss"),
         "heldout": {k[5:]: v for k, v in last_eval.items() if k.startswith("eval_")},
+        "alerts": state.get("alerts", 0),
+        "stopped_by_monitor": state.get("stopped_by_monitor"),
+        "best": str(run_dir / "best") if (run_dir / "best").exists() else None,
         "train_wall_s": round(train_time, 3),
         "wall_s": round(time.perf_counter() - started, 3),
         "tokens": state["tokens"],

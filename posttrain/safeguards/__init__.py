@@ -1,0 +1,1 @@
+"""Safeguards: the reward-hacking monitor (``monitor``)."""
