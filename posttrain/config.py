@@ -336,16 +336,22 @@ class MonitorArgs:
     )
     kl_budget: float = opt(0.0, "alert when the mean per-token KL to the reference exceeds this (needs kl_coef > 0)")
     monitor_window: int = opt(5, "held-out evaluations the proxy-up/gold-down trend is fitted over")
-    gold_tolerance: float = opt(0.02, "gold (held-out accuracy) loss, from its best and along the trend, that alerts")
-    length_drift: float = opt(0.5, "alert when the mean completion length moves this much (relative) from its start")
+    gold_tolerance: float = opt(0.03, "gold (held-out accuracy) loss, from its best and along the trend, that alerts")
+    length_drift: float = opt(
+        1.0, "alert when the mean completion length grows above (1 + this) x its start, or below 1 / (1 + this) x"
+    )
     min_distinct_2: float = opt(0.1, "alert when within-group distinct-2 of the samples falls below this")
     max_overlap: float = opt(0.9, "alert when the samples' within-group bigram overlap (Jaccard) exceeds this")
     min_entropy: float = opt(0.0, "alert when the mean token entropy (nats) falls below this")
+    max_disagreement: float = opt(
+        0.0, "alert when a reward-model ensemble's (rm:A+B) mean per-sample std exceeds this (logged either way)"
+    )
 
     def validate(self) -> Iterator[tuple[str, str]]:
         if self.monitor_window < 2:
             yield "monitor_window", f"must be at least 2 (a trend needs two points), got {self.monitor_window}"
-        for name in ("kl_budget", "gold_tolerance", "length_drift", "min_distinct_2", "max_overlap", "min_entropy"):
+        names = ("kl_budget", "gold_tolerance", "length_drift", "min_distinct_2", "max_overlap", "min_entropy")
+        for name in (*names, "max_disagreement"):
             if getattr(self, name) < 0:
                 yield name, f"must be >= 0, got {getattr(self, name)}"
 

@@ -92,10 +92,11 @@ def test_the_other_rules_at_their_thresholds():
     monitor = HackingMonitor(t)
     for s in range(3):  # baseline length 10
         assert monitor.observe(s, {"length": 10.0, "kl": 0.05, "entropy": 1.0, "disagreement": 0.1}) == []
-    assert monitor.observe(3, {"length": 14.0}) == []  # +40%
-    (alert,) = monitor.observe(4, {"length": 16.0})  # +60%
+    assert monitor.observe(3, {"length": 14.0}) == []  # x1.4
+    (alert,) = monitor.observe(4, {"length": 16.0})  # x1.6 > 1.5
     assert alert["alert"] == "length_drift" and alert["value"] == pytest.approx(0.6)
-    assert [a["alert"] for a in monitor.observe(5, {"length": 4.0})] == ["length_drift"]  # -60%
+    assert monitor.observe(5, {"length": 7.0}) == []  # x0.7 > 1 / 1.5
+    assert [a["alert"] for a in monitor.observe(5, {"length": 6.0})] == ["length_drift"]  # x0.6 < 1 / 1.5
     (alert,) = monitor.observe(6, {"kl": 0.2})
     assert (alert["alert"], alert["value"], alert["threshold"]) == ("kl_budget", 0.2, 0.1)
     assert [a["alert"] for a in monitor.observe(7, {"entropy": 0.1, "disagreement": 0.5})] == [

@@ -93,6 +93,10 @@ def test_ensemble_mean_and_disagreement_through_the_rewards_api(trained, tmp_pat
     specs = parse_rewards([f"rm:{first}+{second}"])
     scores = score_completions(specs, replies, [{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
     assert scores.total.tolist() == pytest.approx(mean, abs=1e-5)
+    # the spread reaches the trainers (the reward-hacking monitor's ensemble disagreement), one per completion
+    assert scores.disagreement.tolist() == pytest.approx(spread, abs=1e-5)
+    single = score_completions(parse_rewards([f"rm:{first}"]), replies, [{"prompt": r["prompt"]} for r in rows])
+    assert single.disagreement is None
 
 
 def test_rm_resume_equals_uninterrupted(tmp_path):

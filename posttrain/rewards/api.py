@@ -111,11 +111,14 @@ def parse_rewards(specs: list[str], weights: list[float] | None = None) -> list[
 
 @dataclass
 class Scores:
-    """total (B,) weighted sum; per_function name -> (B,); failed: how many calls were scored 0 after an error."""
+    """total (B,) weighted sum; per_function name -> (B,); failed: how many calls were scored 0 after an error;
+    disagreement (B,): a reward-model ensemble's standard deviation per completion (the mean over ensembles when
+    there are several), None without an ensemble."""
 
     total: Tensor
     per_function: dict[str, Tensor]
     failed: int = 0
+    disagreement: Tensor | None = None
 
 
 def _value(outcome: list[Any], name: str, row: dict[str, Any], timeout_s: float) -> float:
@@ -175,6 +178,7 @@ def score_completions(
     """
     columns = [{k: v for k, v in row.items() if k not in ("prompt", "completion")} for row in rows]
     per_function: dict[str, list[float]] = {}
+    spreads: list[list[float]] = []
     failed = 0
     for spec in specs:
         calls = [
@@ -186,6 +190,8 @@ def score_completions(
         else:  # lazily: under "raise", nothing runs after the first failure
             outcomes = (_call_here(spec.fn, completion, kwargs) for completion, kwargs in calls)
         values = per_function.setdefault(spec.name, [])
+        spread: list[float] = []
+        ensemble = len(getattr(spec.fn, "models", ())) > 1
         for outcome, row in zip(outcomes, rows):
             try:
                 values.append(_value(outcome, spec.name, row, timeout_s))
@@ -194,9 +200,14 @@ def score_completions(
                     raise
                 failed += 1
                 values.append(0.0)
+            if ensemble:  # the reward models' spread on this call (0 for a failed one)
+                spread.append(spec.fn.__dict__.pop("last_disagreement", 0.0))
+        if spread:
+            spreads.append(spread)
     tensors = {name: torch.tensor(values) for name, values in per_function.items()}
     total = sum(spec.weight * tensors[spec.name] for spec in specs)
-    return Scores(total=total, per_function=tensors, failed=failed)
+    disagreement = torch.tensor(spreads).mean(0) if spreads else None
+    return Scores(total=total, per_function=tensors, failed=failed, disagreement=disagreement)
 
 
 def required_columns(fn: Callable[..., Any]) -> set[str]:

@@ -84,4 +84,7 @@ class RewardModelScorer:
         return means, spread
 
     def __call__(self, completion: str, *, prompt: Any = None, **_: Any) -> float:
-        return self.score([prompt if prompt is not None else ""], [completion])[0][0]
+        means, spread = self.score([prompt if prompt is not None else ""], [completion])
+        if len(self.models) > 1:
+            self.last_disagreement = spread[0]  # read by score_completions (Scores.disagreement)
+        return means[0]

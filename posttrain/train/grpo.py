@@ -101,6 +101,9 @@ class GRPOStage(RLStage):
         for name, values in scores.per_function.items():
             total, n = ctx.sum(float(values.float().sum()), values.numel())
             per_function[f"reward_{name}"] = total / n
+        if scores.disagreement is not None:
+            spread, n = ctx.sum(float(scores.disagreement.sum()), scores.disagreement.numel())
+            per_function["reward_disagreement"] = spread / n
         strict, lenient = sampled_accuracy(rollouts.texts, per_completion, ctx)
         length_sum, count = ctx.sum(float(rollouts.lengths.sum()), len(rollouts.texts))
         record.update(

@@ -108,9 +108,14 @@ class PPOStage(RLStage):
         prompts = [render_prompt(r, run.tokenizer) for r in batch_rows]
         rollouts = self.engines.rollout.generate(prompts, self.params, seed=prompt_seeds(cfg, step, mine))
         per_completion = [batch_rows[i] for i in rollouts.prompt_index]
-        scores = score_completions(
+        scored = score_completions(
             self.specs, rollouts.texts, per_completion, timeout_s=cfg.reward_timeout_s, on_error=cfg.reward_on_error
-        ).total.float()
+        )
+        scores = scored.total.float()
+        spread = {}
+        if scored.disagreement is not None:
+            total, n = ctx.sum(float(scored.disagreement.sum()), scored.disagreement.numel())
+            spread["reward_disagreement"] = total / n
         b, mask = len(rollouts.texts), rollouts.mask
         everyone = list(range(b))
         pv = run.model.module
@@ -158,6 +163,7 @@ class PPOStage(RLStage):
             "accuracy_strict": strict,
             "completion_length": length_sum / count,
             **sample_diversity(rollouts, cfg.samples_per_prompt, ctx),
+            **spread,
             "value_mean": value_sum / tokens,
             **{k: v / max(updates, 1) for k, v in totals.items()},
         }

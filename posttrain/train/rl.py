@@ -173,6 +173,7 @@ class RLStage(Stage):
                 min_distinct_2=cfg.min_distinct_2,
                 max_overlap=cfg.max_overlap,
                 min_entropy=cfg.min_entropy,
+                max_disagreement=cfg.max_disagreement,
             )
         )
         return policy, tokenizer
@@ -180,7 +181,8 @@ class RLStage(Stage):
     def watch(self, run: Any, step: int, record: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
         """The reward-hacking monitor on this step's record: proxy = the mean reward being optimised, gold = the
         held-out greedy strict accuracy (at evaluation steps; the optimiser never sees those rows), KL to the
-        reference, completion length, within-group diversity of the samples, token entropy."""
+        reference, completion length, within-group diversity of the samples, token entropy, and a reward-model
+        ensemble's disagreement."""
         stats = {
             "proxy": record.get("score_mean", record.get("reward_mean")),  # PPO's score: before its KL penalty
             "gold": record.get("eval_accuracy_strict"),
@@ -189,6 +191,7 @@ class RLStage(Stage):
             "distinct_2": record.get("distinct_2"),
             "overlap_2": record.get("overlap_2"),
             "entropy": record.get("entropy"),
+            "disagreement": record.get("reward_disagreement"),
         }
         alerts = self.monitor.observe(step, stats)
         return alerts, stats["gold"] is not None and self.monitor.best_step == step

@@ -500,9 +500,13 @@ def _run(stage: Stage, cfg: Any, ctx: DistContext, run_dir: Path, stop_after: in
         if alerts:
             record["alerts"] = alerts
             state["alerts"] = state.get("alerts", 0) + len(alerts)
-            if ctx.is_main:
-                for alert in alerts:
+        # The console hears of a rule when it starts firing (metrics.jsonl gets it at every step it holds).
+        firing = sorted({a["alert"] for a in alerts})
+        if ctx.is_main:
+            for alert in alerts:
+                if alert["alert"] not in state.get("firing", []):
                     bar.write(f"{stage.name} step {step}: ALERT {alert['alert']}: {alert['message']}")
+        state["firing"] = firing
         if step % cfg.log_every == 0 or step == cfg.max_steps or not finite or evaluated_last or alerts:
             log.write(record)
         if best:
