@@ -132,6 +132,11 @@ class OptimArgs:
     warmup_steps: int = opt(0, "linear warm-up steps")
     schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "learning-rate decay after warm-up")
     max_grad_norm: float = opt(1.0, "gradient clipping norm; 0 = off")
+    l2sp: float = opt(
+        0.0,
+        "pull toward the starting weights against forgetting: L2-SP, the penalty l2sp/2 x ||w - w_start||^2 over"
+        " the trainable weights (its gradient l2sp x (w - w_start) is added before clipping); 0 = off",
+    )
 
     def validate(self) -> Iterator[tuple[str, str]]:
         if not math.isfinite(self.lr) or self.lr <= 0:
@@ -145,6 +150,8 @@ class OptimArgs:
             yield "weight_decay", f"must be >= 0, got {self.weight_decay}"
         if self.max_grad_norm < 0:
             yield "max_grad_norm", f"must be >= 0 (0 = no clipping), got {self.max_grad_norm}"
+        if not math.isfinite(self.l2sp) or self.l2sp < 0:
+            yield "l2sp", f"must be >= 0 (0 = off), got {self.l2sp}"
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,8 @@ class Run:
     optimizer: torch.optim.Optimizer | None = None
     params: list = field(default_factory=list)
     updates: int = 0
+    anchor: list | None = None  # the trainable weights at the stage's start (L2-SP)
+    l2sp_distance: float | None = None
     _full: dict | None = None
 
     def amp(self) -> Any:
@@ -167,6 +169,8 @@ class Run:
         """Clip and apply the accumulated gradient unless the step's loss or gradient is non-finite (then nothing
         reaches the weights). ``local_loss`` is this rank's share; returns (finite, gradient norm, global loss)."""
         (loss,) = self.ctx.sum(local_loss)
+        if self.anchor is not None:
+            self.l2sp_distance = l2sp_gradient_(self.params, self.anchor, self.cfg.l2sp)
         limit = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, limit))
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -185,6 +189,28 @@ class Run:
     def final_state(self) -> dict[str, torch.Tensor] | None:
         """Full weights for saving (gathered once at the end under FSDP2); None when the module holds them."""
         return self._full
+
+
+@torch.no_grad()
+def l2sp_gradient_(params: list, anchor: list, coef: float) -> float:
+    """Add the gradient of the L2-SP penalty coef/2 x ||w - w_start||^2 (Li et al., 2018), coef x (w - w_start),
+    to each parameter's gradient (a parameter without one gets it as its gradient); returns ||w - w_start||_2.
+    Works on FSDP2 shards alike (each rank its own part; the distance is this rank's part then).
+
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0])); w.grad = torch.tensor([0.5, 0.5])
+        >>> l2sp_gradient_([w], [torch.tensor([0.0, 2.0])], 0.1), w.grad.tolist()
+        (1.0, [0.6000000238418579, 0.5])
+    """
+    total = 0.0
+    for p, start in zip(params, anchor):
+        delta = p.detach() - start
+        if p.grad is None:
+            p.grad = delta.mul(coef)
+        else:
+            p.grad.add_(delta, alpha=coef)
+        local = delta.to_local() if hasattr(delta, "to_local") else delta  # an FSDP2 shard: this rank's part
+        total += float(local.float().pow(2).sum())
+    return math.sqrt(total)
 
 
 def forward_rows(cfg: Any) -> int:
@@ -437,6 +463,8 @@ def _run(stage: Stage, cfg: Any, ctx: DistContext, run_dir: Path, stop_after: in
     module.train()
     run = Run(cfg, ctx, Parallel(module, ctx, fsdp=cfg.fsdp), tokenizer, run_dir)
     run.params = [p for p in module.parameters() if p.requires_grad]
+    if getattr(cfg, "l2sp", 0.0) > 0:  # before any resume: the anchor is the stage's starting model
+        run.anchor = [p.detach().clone() for p in run.params]
     run.optimizer = make_optimizer(run.params, cfg)
     scheduler = make_scheduler(run.optimizer, cfg)
     size, per_step = stage.rows_per_step()
@@ -489,6 +517,8 @@ def _run(stage: Stage, cfg: Any, ctx: DistContext, run_dir: Path, stop_after: in
             step=step, tokens=state["tokens"] + tokens, sampler=sampler.state_dict(), stage=stage.extra_state()
         )
         record = {"step": step, "lr": lr, **record, "skipped_steps": state["skipped_steps"], "step_s": round(step_s, 4)}
+        if run.l2sp_distance is not None:
+            record["l2sp_distance"] = run.l2sp_distance
         if tokens:
             record.update(tokens=state["tokens"], tokens_per_s=tokens / max(step_s, 1e-9))
         if not finite:
