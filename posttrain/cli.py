@@ -21,6 +21,7 @@ from typing import Any
 
 from posttrain.config import EvalConfig, build_config, field_help
 from posttrain.errors import ConfigError, PosttrainError
+from posttrain.safeguards.commands import add_synth_parser, run_synth
 from posttrain.stages import STAGES
 from posttrain.toolbox import MERGE_METHODS
 from posttrain.toolbox.commands import add_prune_parser, add_quantize_parser, run_prune, run_quantize
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_prune_parser(sub)
     add_quantize_parser(sub)
+    add_synth_parser(sub)
     return parser
 
 
@@ -352,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_prune(args)
         elif args.command == "quantize":
             run_quantize(args)
+        elif args.command == "synth":
+            run_synth(args)
     except PosttrainError as err:
         return _fail(args.command, str(err), 2)
     except KeyboardInterrupt:

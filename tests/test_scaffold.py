@@ -24,7 +24,17 @@ def test_every_stage_is_built_from_the_shared_pieces_and_listed_once():
         assert issubclass(info.config, (RuntimeArgs)) and issubclass(info.config, LoopArgs), name
         assert issubclass(info.config, OptimArgs), name
         assert name in commands
-    assert set(commands) - set(STAGES) == {"demo", "run", "eval", "generate", "inspect", "merge", "prune", "quantize"}
+    assert set(commands) - set(STAGES) == {
+        "demo",
+        "run",
+        "eval",
+        "generate",
+        "inspect",
+        "merge",
+        "prune",
+        "quantize",
+        "synth",
+    }
 
 
 @pytest.mark.parametrize(
