@@ -164,3 +164,27 @@ def test_grpo_alerts_are_logged_and_stop_keeps_final_and_best(tmp_path, on_hacki
     golds = {r["step"]: r["eval_accuracy_strict"] for r in rows if "eval_accuracy_strict" in r}
     assert summary["best_step"] == max(golds, key=lambda s: (golds[s], -s))  # the first step with the best gold
     assert summary["best"] and AutoModelForCausalLM.from_pretrained(out / "best") is not None
+
+
+def test_search_budgets_watch_the_chosen_proxy_against_accuracy():
+    """Along a scaling curve (n = 2, 4, 8, 16): the chosen candidates' proxy score rising while accuracy falls
+    raises proxy_up_gold_down at the budget where the trend is clear; rising together raises nothing."""
+    from types import SimpleNamespace
+
+    from posttrain.eval.harness import budget_alerts, search_watch
+
+    results = [
+        SimpleNamespace(candidates=["a b c", "a b d"], scores=[0.2, 0.9], completion="a b d"),
+        SimpleNamespace(candidates=["x y", "x y"], scores=[0.5, 0.1], completion="x y"),
+    ]
+    got = search_watch(results, "best_of_n")
+    assert got["proxy_chosen"] == pytest.approx((0.9 + 0.5) / 2)  # "x y" is the first candidate: 0.5
+    assert got["distinct_2"] == pytest.approx((3 / 4 + 1 / 2) / 2)
+    assert got["overlap_2"] == pytest.approx((1 / 3 + 1) / 2)
+    assert "proxy_chosen" not in search_watch(results, "self_consistency")  # a vote, not a scorer, picks
+    curve = [(2, 0.5, 0.70), (4, 0.6, 0.66), (8, 0.7, 0.60)]
+    hacked = [{"n": n, "proxy_chosen": p, "accuracy": a} for n, p, a in curve]
+    alerts = budget_alerts(hacked)
+    assert [(a["alert"], a["n"]) for a in alerts] == [("proxy_up_gold_down", 8)]
+    honest = [{**p, "accuracy": 0.6 + 0.05 * i} for i, p in enumerate(hacked)]
+    assert budget_alerts(honest) == []

@@ -193,6 +193,7 @@ def evaluate_search(model: Any, tokenizer: Any, cfg: Any, *, helper: Any = None)
                 "tokens_per_question": sum(r.tokens for r in results) / count,
                 "forward_passes_per_question": sum(r.forward_passes for r in results) / count,
                 "wall_s_per_question": sum(r.wall_s for r in results) / count,
+                **search_watch(results, cfg.strategy),
             }
         )
     last = points[-1]
@@ -208,7 +209,44 @@ def evaluate_search(model: Any, tokenizer: Any, cfg: Any, *, helper: Any = None)
     }
     if cfg.scaling:
         result["scaling"] = points
+        alerts = budget_alerts(points)
+        if alerts:
+            result["alerts"] = alerts
     return result
+
+
+def search_watch(results: list[Any], strategy: str) -> dict[str, float]:
+    """The reward-hacking monitor's view of one search budget: ``proxy_chosen``, the mean score of the chosen
+    candidate where a scorer picks it (best-of-N, hybrid), and the within-question diversity of the candidates
+    (``distinct_2``, ``overlap_2`` over whitespace words)."""
+    from posttrain.safeguards.monitor import group_diversity
+
+    out: dict[str, float] = {}
+    with_pool = [r for r in results if len(r.candidates) > 1]
+    if with_pool:
+        stats = [group_diversity([c.split() for c in r.candidates], len(r.candidates)) for r in with_pool]
+        for key in ("distinct_2", "overlap_2"):
+            values = [st[key] for st in stats if key in st]
+            if values:
+                out[key] = sum(values) / len(values)
+    if strategy in ("best_of_n", "hybrid") and results and all(r.scores for r in results):
+        chosen = [r.scores[r.candidates.index(r.completion)] for r in results]
+        out["proxy_chosen"] = sum(chosen) / len(chosen)
+    return out
+
+
+def budget_alerts(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The monitor's rules along the budgets of a scaling curve, in order of n: the chosen candidates' proxy score
+    rising while accuracy (gold) falls is over-optimisation of the scorer (best-of-N's Goodhart curve)."""
+    from posttrain.safeguards.monitor import HackingMonitor, Thresholds
+
+    monitor = HackingMonitor(Thresholds(window=len(points), length_drift=0.0))
+    alerts = []
+    for point in points:
+        stats = {"proxy": point.get("proxy_chosen"), "gold": point["accuracy"]}
+        stats.update({k: point.get(k) for k in ("distinct_2", "overlap_2")})
+        alerts += [{**a, "n": point["n"]} for a in monitor.observe(point["n"], stats)]
+    return alerts
 
 
 def evaluate_model(model: Any, tokenizer: Any, cfg: Any, *, helper: Any = None) -> dict[str, Any]:
