@@ -527,6 +527,7 @@ def _run(stage: Stage, cfg: Any, ctx: DistContext, run_dir: Path, stop_after: in
         if evaluated_last:
             record.update(stage.evaluate(run))
         alerts, best = stage.watch(run, step, record)
+        state["stage"] = stage.extra_state()  # the monitor has seen this step: a checkpoint resumes after it
         if alerts:
             record["alerts"] = alerts
             state["alerts"] = state.get("alerts", 0) + len(alerts)
