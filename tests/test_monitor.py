@@ -188,3 +188,22 @@ def test_search_budgets_watch_the_chosen_proxy_against_accuracy():
     assert [(a["alert"], a["n"]) for a in alerts] == [("proxy_up_gold_down", 8)]
     honest = [{**p, "accuracy": 0.6 + 0.05 * i} for i, p in enumerate(hacked)]
     assert budget_alerts(honest) == []
+
+
+def test_grpo_monitor_resumes_exactly(tmp_path):
+    """Killed after step 2 and resumed: the same alerts with the same values at every step as the uninterrupted
+    run (the length rule's baseline needs steps 1-3, so a monitor that lost step 2 would differ from step 4)."""
+    import json
+
+    from pinned import grpo_config
+
+    from posttrain.train.grpo import run_grpo
+
+    options = dict(max_steps=5, save_every=1, length_drift=1e-4, min_distinct_2=0.0, max_overlap=0.0)
+    run_grpo(grpo_config(tmp_path / "full", **options))
+    run_grpo(grpo_config(tmp_path / "cut", **options), stop_after=2)
+    run_grpo(grpo_config(tmp_path / "cut", resume=True, **options))
+    lines = [(tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("full", "cut")]
+    alerts = [[(r["step"], r.get("alerts")) for r in map(json.loads, rows)] for rows in lines]
+    assert alerts[0] == alerts[1]
+    assert [step for step, a in alerts[0] if a] == [4, 5]  # the rule did fire after its 3-step baseline

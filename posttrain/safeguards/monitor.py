@@ -131,7 +131,7 @@ class HackingMonitor:
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps, for an exact resume."""
-        return {"history": self.history, "best_gold": self.best_gold, "best_step": self.best_step}
+        return {"history": list(self.history), "best_gold": self.best_gold, "best_step": self.best_step}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.history = list(state.get("history", []))
