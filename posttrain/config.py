@@ -355,6 +355,8 @@ class MonitorArgs:
     )
 
     def validate(self) -> Iterator[tuple[str, str]]:
+        if self.kl_budget > 0 and getattr(self, "kl_coef", 0.0) <= 0:
+            yield "kl_budget", "needs kl_coef > 0: without a KL penalty no reference is loaded and no KL is measured"
         if self.monitor_window < 2:
             yield "monitor_window", f"must be at least 2 (a trend needs two points), got {self.monitor_window}"
         names = ("kl_budget", "gold_tolerance", "length_drift", "min_distinct_2", "max_overlap", "min_entropy")

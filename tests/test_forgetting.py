@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain.config import SFTConfig, build_config
-from posttrain.train.scaffold import l2sp_gradient_
+from posttrain.losses.regularize import l2sp_gradient_
 from posttrain.train.sft import run_sft
 
 

@@ -8,7 +8,6 @@ from posttrain.safeguards.monitor import (
     HackingMonitor,
     Thresholds,
     distinct_n,
-    ensemble_disagreement,
     group_diversity,
     pairwise_overlap,
     slope,
@@ -43,10 +42,7 @@ def test_group_diversity_averages_over_groups():
     assert group_diversity([samples[0], samples[2], samples[1], samples[3]], 2)["overlap_2"] == 0.0
 
 
-def test_ensemble_disagreement_and_slope_by_hand():
-    assert ensemble_disagreement([[1.0, 2.0], [3.0, 2.0]]) == pytest.approx(0.5)  # stds 1 and 0
-    assert ensemble_disagreement([[0.0], [3.0], [6.0]]) == pytest.approx((6.0) ** 0.5)  # pop. var (9+0+9)/3
-    assert ensemble_disagreement([[1.0, 2.0]]) is None
+def test_slope_by_hand():
     assert slope([1.0, 3.0, 5.0]) == pytest.approx(2.0)
     assert slope([2.0, 2.0, 2.0]) == 0.0 and slope([4.0]) == 0.0
     assert slope([0.0, 1.0, 0.0, 1.0]) == pytest.approx(0.2)  # sum((x-1.5)(y-.5)) = 1 over sum((x-1.5)^2) = 5
@@ -207,3 +203,12 @@ def test_grpo_monitor_resumes_exactly(tmp_path):
     alerts = [[(r["step"], r.get("alerts")) for r in map(json.loads, rows)] for rows in lines]
     assert alerts[0] == alerts[1]
     assert [step for step, a in alerts[0] if a] == [4, 5]  # the rule did fire after its 3-step baseline
+
+
+def test_kl_budget_without_a_kl_penalty_is_refused_not_ignored():
+    from posttrain.config import GRPOConfig, build_config
+    from posttrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="kl_budget"):
+        build_config(GRPOConfig, {"out": "x", "kl_budget": 0.1}, path="grpo")
+    assert build_config(GRPOConfig, {"out": "x", "kl_budget": 0.1, "kl_coef": 0.05}, path="grpo").kl_budget == 0.1

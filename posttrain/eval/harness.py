@@ -229,7 +229,11 @@ def search_watch(results: list[Any], strategy: str) -> dict[str, float]:
             values = [st[key] for st in stats if key in st]
             if values:
                 out[key] = sum(values) / len(values)
-    if strategy in ("best_of_n", "hybrid") and results and all(r.scores for r in results):
+    if (
+        strategy in ("best_of_n", "hybrid")
+        and results
+        and all(r.scores and r.completion in r.candidates for r in results)
+    ):
         chosen = [r.scores[r.candidates.index(r.completion)] for r in results]
         out["proxy_chosen"] = sum(chosen) / len(chosen)
     return out

@@ -20,7 +20,6 @@ history and applies documented thresholds (:class:`Thresholds`), returning the a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,19 +62,6 @@ def group_diversity(samples: Sequence[Sequence[Hashable]], group_size: int) -> d
         if values:
             out[name] = sum(values) / len(values)
     return out
-
-
-def ensemble_disagreement(member_scores: Sequence[Sequence[float]]) -> float | None:
-    """Mean over samples of the population standard deviation of an ensemble's M scores of each sample
-    (``member_scores``: M rows of B scores). None without at least two members."""
-    if len(member_scores) < 2:
-        return None
-    columns = list(zip(*member_scores))
-    stds = []
-    for column in columns:
-        mean = sum(column) / len(column)
-        stds.append(math.sqrt(sum((x - mean) ** 2 for x in column) / len(column)))
-    return sum(stds) / len(stds) if stds else None
 
 
 def slope(values: Sequence[float]) -> float:

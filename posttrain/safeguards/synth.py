@@ -23,6 +23,7 @@ conversational completions (``[{"role": "assistant", "content": ...}]``).
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,9 @@ def synthesize(
     for key, value in (("max_new_tokens", max_new_tokens), ("batch_prompts", batch_prompts)):
         if value < 1:
             raise ConfigError(f"synth.{key}: must be at least 1, got {value}")
-    if limit < 0 or min_margin < 0:
-        raise ConfigError("synth.limit and synth.min_margin: must be >= 0")
+    for key, value in (("limit", limit), ("min_margin", min_margin)):
+        if value < 0:
+            raise ConfigError(f"synth.{key}: must be >= 0, got {value}")
     out = check_model_out(out, key="synth.out", overwrite=overwrite)
     specs = parse_rewards(reward, reward_weights or [])
     checked = validate_rows(load_rows(data), "prompt", source=data, skip_bad_rows=False)
@@ -124,8 +126,6 @@ def synthesize(
     }
     tmp = out.parent / f".{out.name}.tmp"
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     for name, items in (("sft.jsonl", sft), ("preferences.jsonl", pairs)):

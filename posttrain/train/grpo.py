@@ -30,6 +30,7 @@ from posttrain.train.rl import (
     RLStage,
     ordered,
     prompt_seeds,
+    reward_disagreement,
     sample_diversity,
     sampled_accuracy,
 )
@@ -62,11 +63,11 @@ class GRPOStage(RLStage):
         self.engines.refresh(run)  # a resumed run's weights
 
     def extra_state(self) -> dict[str, Any]:
-        return {"reward_failures": self.reward_failures, "monitor": self.monitor.state()}
+        return {**super().extra_state(), "reward_failures": self.reward_failures}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
         self.reward_failures = state.get("reward_failures", 0)
-        self.monitor.load_state(state.get("monitor", {}))
 
     def step(self, run: Run, indices: list[int], step: int) -> dict[str, Any]:
         cfg, ctx, g = self.cfg, run.ctx, self.cfg.group_size
@@ -101,9 +102,7 @@ class GRPOStage(RLStage):
         for name, values in scores.per_function.items():
             total, n = ctx.sum(float(values.float().sum()), values.numel())
             per_function[f"reward_{name}"] = total / n
-        if scores.disagreement is not None:
-            spread, n = ctx.sum(float(scores.disagreement.sum()), scores.disagreement.numel())
-            per_function["reward_disagreement"] = spread / n
+        per_function.update(reward_disagreement(scores, ctx))
         strict, lenient = sampled_accuracy(rollouts.texts, per_completion, ctx)
         length_sum, count = ctx.sum(float(rollouts.lengths.sum()), len(rollouts.texts))
         record.update(

@@ -40,6 +40,7 @@ from posttrain.train.rl import (
     RLStage,
     ordered,
     prompt_seeds,
+    reward_disagreement,
     sample_diversity,
     sampled_accuracy,
 )
@@ -95,11 +96,11 @@ class PPOStage(RLStage):
         self.engines.refresh(run, prefix="policy.")
 
     def extra_state(self) -> dict[str, Any]:
-        return {"kl_controller": self.controller.state_dict(), "monitor": self.monitor.state()}
+        return {**super().extra_state(), "kl_controller": self.controller.state_dict()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
         self.controller.load_state_dict(state["kl_controller"])
-        self.monitor.load_state(state.get("monitor", {}))
 
     def step(self, run: Run, indices: list[int], step: int) -> dict[str, Any]:
         cfg, ctx = self.cfg, run.ctx
@@ -112,10 +113,6 @@ class PPOStage(RLStage):
             self.specs, rollouts.texts, per_completion, timeout_s=cfg.reward_timeout_s, on_error=cfg.reward_on_error
         )
         scores = scored.total.float()
-        spread = {}
-        if scored.disagreement is not None:
-            total, n = ctx.sum(float(scored.disagreement.sum()), scored.disagreement.numel())
-            spread["reward_disagreement"] = total / n
         b, mask = len(rollouts.texts), rollouts.mask
         everyone = list(range(b))
         pv = run.model.module
@@ -163,7 +160,7 @@ class PPOStage(RLStage):
             "accuracy_strict": strict,
             "completion_length": length_sum / count,
             **sample_diversity(rollouts, cfg.samples_per_prompt, ctx),
-            **spread,
+            **reward_disagreement(scored, ctx),
             "value_mean": value_sum / tokens,
             **{k: v / max(updates, 1) for k, v in totals.items()},
         }

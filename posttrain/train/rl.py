@@ -21,7 +21,7 @@ from posttrain.models.virtual import continues_adapter
 from posttrain.rewards import check_reward_columns, parse_rewards
 from posttrain.rewards.verify import score_answer
 from posttrain.rollout.factory import make_engine
-from posttrain.safeguards.monitor import HackingMonitor, Thresholds, group_diversity
+from posttrain.safeguards.monitor import HackingMonitor, Thresholds, distinct_n, pairwise_overlap
 from posttrain.train.policy import model_for_training
 from posttrain.train.scaffold import Stage
 
@@ -127,13 +127,31 @@ def sampled_accuracy(texts: list[str], rows: list[dict], ctx: Any) -> tuple[floa
 
 def sample_diversity(rollouts: Any, group_size: int, ctx: Any) -> dict[str, float]:
     """Within-group diversity of a step's samples over all ranks (token ids, generated tokens only): distinct-1,
-    distinct-2 and pairwise bigram overlap, each the mean over the groups (``safeguards.monitor``)."""
+    distinct-2 and pairwise bigram overlap, each the mean over the groups that have the n-grams it needs
+    (``safeguards.monitor``; sums and counts reduced across ranks separately)."""
     samples = [row[m].tolist() for row, m in zip(rollouts.completion_ids, rollouts.mask)]
-    local = group_diversity(samples, group_size)
-    groups = len(samples) // group_size
-    keys = ("distinct_1", "distinct_2", "overlap_2")
-    totals = ctx.sum(*(local.get(k, 0.0) * groups for k in keys), groups if local else 0)
-    return {k: total / totals[-1] for k, total in zip(keys, totals[:-1])} if totals[-1] else {}
+    groups = [samples[i : i + group_size] for i in range(0, len(samples), group_size)]
+    stats = {
+        "distinct_1": [distinct_n(g, 1) for g in groups],
+        "distinct_2": [distinct_n(g, 2) for g in groups],
+        "overlap_2": [pairwise_overlap(g, 2) for g in groups],
+    }
+    parts = [
+        x
+        for values in stats.values()
+        for x in (sum(v for v in values if v is not None), sum(v is not None for v in values))
+    ]
+    totals = ctx.sum(*parts)
+    return {k: totals[2 * i] / totals[2 * i + 1] for i, k in enumerate(stats) if totals[2 * i + 1]}
+
+
+def reward_disagreement(scores: Any, ctx: Any) -> dict[str, float]:
+    """``reward_disagreement``: a reward-model ensemble's mean per-completion spread over all ranks ({} without an
+    ensemble)."""
+    if scores.disagreement is None:
+        return {}
+    total, n = ctx.sum(float(scores.disagreement.sum()), scores.disagreement.numel())
+    return {"reward_disagreement": total / n}
 
 
 def ordered(ctx: Any, local: torch.Tensor) -> torch.Tensor:
@@ -195,6 +213,12 @@ class RLStage(Stage):
         }
         alerts = self.monitor.observe(step, stats)
         return alerts, stats["gold"] is not None and self.monitor.best_step == step
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"monitor": self.monitor.state()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.monitor.load_state(state.get("monitor", {}))
 
     def monitor_summary(self) -> dict[str, Any]:
         return {"best_step": self.monitor.best_step, "best_heldout_strict": self.monitor.best_gold}
